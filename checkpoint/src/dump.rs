@@ -1,0 +1,431 @@
+//! `cryo checkpoint`: freeze → capture rootfs → CRIU dump → thaw (or stop) → compress →
+//! manifest. The container ends running and thawed exactly as before on every failure path,
+//! or paused if it was paused.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cryo_cgroup::{FreezeGuard, Freezer};
+use oci_spec::runtime::Spec;
+
+use crate::criu::{CallKind, CriuCall, CriuClient, CriuError, Features, Notification};
+use crate::flags::{self, DumpFlags, FlagError};
+use crate::manifest::{Manifest, OpenFileRecord, RootfsRecord, Timings, FORMAT};
+use crate::plan::{dump_plan, DumpPlan, PlanError};
+use crate::rootfs::{self, RootfsKind};
+use crate::{descriptors, facts};
+
+/// Oldest CRIU this kernel works with (3.17 and 4.1 fail on Linux ≥ 6.16).
+pub const MIN_CRIU: u32 = 40200;
+
+/// `--rootfs-snapshot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Capture an overlay upper dir when the rootfs is overlay; record why not otherwise.
+    Auto,
+    /// Capture the overlay upper dir; fail (before freezing) if the rootfs is not overlay.
+    Overlay,
+    /// Never capture.
+    None,
+}
+
+impl std::str::FromStr for SnapshotMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "overlay" => Ok(Self::Overlay),
+            "none" => Ok(Self::None),
+            o => Err(format!(
+                "invalid --rootfs-snapshot value {o:?}: use auto, overlay or none"
+            )),
+        }
+    }
+}
+
+/// Everything a checkpoint needs to know about the container and the request.
+#[derive(Debug, Clone)]
+pub struct DumpRequest {
+    /// Container id.
+    pub id: String,
+    /// Init pid.
+    pub pid: i32,
+    /// Bundle directory.
+    pub bundle: PathBuf,
+    /// Parsed spec.
+    pub spec: Spec,
+    /// Host path of the rootfs.
+    pub rootfs: PathBuf,
+    /// What fds 0-2 of the init process were at start (runc's external descriptors).
+    pub stdio: Vec<String>,
+    /// `--image-path`.
+    pub image_dir: PathBuf,
+    /// `--work-path` (defaults to the image dir, as CRIU does).
+    pub work_dir: PathBuf,
+    /// The flags.
+    pub flags: DumpFlags,
+    /// `--rootfs-snapshot`.
+    pub snapshot: SnapshotMode,
+    /// How long the freeze may take.
+    pub freeze_timeout: Duration,
+}
+
+/// What a successful checkpoint produced.
+#[derive(Debug)]
+pub struct DumpReport {
+    /// The manifest written (none for a pre-dump).
+    pub manifest: Option<Manifest>,
+    /// Whether the container's processes are gone (checkpoint without --leave-running).
+    pub stopped: bool,
+}
+
+/// A failed checkpoint: which step, what went wrong, where to look.
+#[derive(Debug, thiserror::Error)]
+#[error("checkpoint of container {id} failed while {step}: {detail}{after}")]
+pub struct DumpError {
+    /// Container id.
+    pub id: String,
+    /// The step.
+    pub step: &'static str,
+    /// What went wrong (includes paths and the CRIU log excerpt).
+    pub detail: String,
+    /// What state the container was left in.
+    pub after: String,
+    /// The CRIU log file, when CRIU was involved.
+    pub log: Option<PathBuf>,
+}
+
+/// Run a checkpoint. `criu` and `freezer` are the seams tests replace.
+pub fn checkpoint(
+    req: &DumpRequest,
+    criu: &dyn CriuClient,
+    freezer: &dyn Freezer,
+    interrupted: &dyn Fn() -> bool,
+) -> Result<DumpReport, DumpError> {
+    let started = Instant::now();
+    let fail = |step: &'static str, detail: String| DumpError {
+        id: req.id.clone(),
+        step,
+        detail,
+        after: String::new(),
+        log: None,
+    };
+    // Everything that can be refused is refused before the container is touched.
+    let mut opts = flags::dump_opts(&req.flags, &req.image_dir, req.pid)
+        .map_err(|e: FlagError| fail("checking options", e.to_string()))?;
+    check_criu(criu, &req.flags).map_err(|e| fail("checking CRIU", e.to_string()))?;
+    prepare_dirs(req).map_err(|e| fail("preparing directories", e))?;
+    let facts = facts::gather_dump_facts(req.pid, &req.spec, &req.rootfs, freezer.path())
+        .map_err(|e| fail("inspecting the container", e))?;
+    let plan = dump_plan(&req.spec, &facts, &req.flags.common.empty_ns)
+        .map_err(|e: PlanError| fail("planning the dump", e.to_string()))?;
+    let rootfs_kind = detect(req).map_err(|e| fail("inspecting the root filesystem", e))?;
+    apply_plan(&mut opts, &plan, &req.spec);
+    if !req.flags.pre_dump {
+        descriptors::write(&req.image_dir, &req.stdio).map_err(|e| {
+            fail(
+                "writing descriptors.json",
+                format!("{}: {e}", req.image_dir.display()),
+            )
+        })?;
+    }
+
+    // ---- freeze window ----
+    let t_freeze = Instant::now();
+    let guard = FreezeGuard::freeze(freezer, req.freeze_timeout)
+        .map_err(|e| fail("freezing the container", e.to_string()))?;
+    let was_paused = guard.was_frozen_before();
+    let after = |was_paused: bool| {
+        if was_paused {
+            "; the container was left paused, as it was before".to_string()
+        } else {
+            "; the container was thawed and keeps running".to_string()
+        }
+    };
+    let fail_frozen = |step: &'static str, detail: String, log: Option<PathBuf>| DumpError {
+        id: req.id.clone(),
+        step,
+        detail,
+        after: after(was_paused),
+        log,
+    };
+    let freeze_ms = ms(t_freeze.elapsed());
+
+    let t_capture = Instant::now();
+    let mut rootfs_record = rootfs_record(&rootfs_kind, req.snapshot);
+    let mut open_files = Vec::new();
+    if !req.flags.pre_dump {
+        if let Some(RootfsKind::Overlay { upper_dir, .. }) = &rootfs_kind {
+            let raw = req.image_dir.join(rootfs::RAW_CHANGESET);
+            let report = rootfs::capture_upper(upper_dir, &raw, &rootfs::CaptureOptions::default())
+                .map_err(|e| fail_frozen("capturing the overlay upper dir", e.to_string(), None))?;
+            rootfs_record.snapshot = Some(rootfs::RAW_CHANGESET.to_string());
+            rootfs_record.device_nodes = report.device_nodes.clone();
+            rootfs_record.entries = report.entries;
+            rootfs_record.bytes = report.bytes;
+        }
+        let pids = facts::cgroup_pids(freezer.path());
+        open_files = rootfs::collect_open_files(&pids, &req.rootfs)
+            .map_err(|e| fail_frozen("listing open files", e.to_string(), None))?
+            .into_iter()
+            .filter(|f| !f.deleted)
+            .map(|f| OpenFileRecord {
+                path: f.path,
+                size: f.size,
+            })
+            .collect();
+    }
+    let rootfs_capture_ms = ms(t_capture.elapsed());
+    if interrupted() {
+        return Err(fail_frozen("capturing", "interrupted by a signal".into(), None));
+    }
+
+    let t_dump = Instant::now();
+    let kind = if req.flags.pre_dump {
+        CallKind::PreDump
+    } else {
+        CallKind::Dump
+    };
+    // CRIU always leaves the tasks alive (and frozen, as it found them): cryo stops them only
+    // after the image is complete and durable, so no failure can lose the container. The one
+    // exception is runc's TCP semantics: with --tcp-established and no --leave-running CRIU
+    // must kill the tasks itself so the network stays locked for the peers until the restore.
+    let criu_kills = kind == CallKind::Dump
+        && !req.flags.leave_running
+        && req.flags.common.tcp_established;
+    opts.set_leave_running(!criu_kills);
+    let log = req.work_dir.join(kind.log_name());
+    let call = CriuCall {
+        kind,
+        opts,
+        images_dir: req.image_dir.clone(),
+        work_dir: req.work_dir.clone(),
+        extra_fds: Vec::new(),
+        inherit_stdio: false,
+    };
+    let status_fd = req.flags.status_fd;
+    let mut on_notify = |n: Notification<'_>| -> Result<(), String> {
+        if n.script == "status-ready" {
+            if let Some(fd) = status_fd {
+                signal_status_fd(fd)?;
+            }
+        }
+        Ok(())
+    };
+    criu.call(call, &mut on_notify)
+        .map_err(|e| fail_frozen("dumping with CRIU", e.to_string(), Some(log.clone())))?;
+    let dump_ms = ms(t_dump.elapsed());
+    if interrupted() {
+        return Err(fail_frozen("dumping", "interrupted by a signal".into(), Some(log)));
+    }
+
+    let stop = kind == CallKind::Dump && !req.flags.leave_running;
+    let mut timings = Timings {
+        freeze_ms,
+        rootfs_capture_ms,
+        dump_ms,
+        ..Default::default()
+    };
+    if !stop {
+        guard
+            .release()
+            .map_err(|e| fail("thawing the container", e.to_string()))?;
+        timings.frozen_ms = ms(t_freeze.elapsed());
+    }
+    // ---- after the thaw (or, when stopping, still frozen: nothing is lost if this fails) ----
+    if let Some(raw) = rootfs_record.snapshot.clone() {
+        let t = Instant::now();
+        let raw_path = req.image_dir.join(&raw);
+        let zst = req.image_dir.join(rootfs::COMPRESSED_CHANGESET);
+        rootfs::compress_zstd(&raw_path, &zst, 3, compress_threads())
+            .map_err(|e| fail("compressing the rootfs snapshot", e.to_string()))?;
+        let _ = std::fs::remove_file(&raw_path);
+        rootfs_record.snapshot = Some(rootfs::COMPRESSED_CHANGESET.to_string());
+        timings.compress_ms = ms(t.elapsed());
+    }
+    if kind == CallKind::PreDump {
+        return Ok(DumpReport {
+            manifest: None,
+            stopped: false,
+        });
+    }
+    sync_dir(&req.image_dir).map_err(|e| fail("syncing the image", e))?;
+    let spec_sha256 = crate::manifest::sha256_file(&req.bundle.join("config.json"))
+        .map_err(|e| fail("hashing config.json", e.to_string()))?;
+    timings.total_ms = ms(started.elapsed());
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        cryo_version: env!("CARGO_PKG_VERSION").into(),
+        criu_version: criu.version().unwrap_or_default(),
+        container_id: req.id.clone(),
+        spec_sha256,
+        created: chrono::Utc::now(),
+        leave_running: req.flags.leave_running,
+        was_paused,
+        external_mounts: plan.ext_mounts.clone(),
+        external_namespaces: plan.externals.clone(),
+        rootfs: rootfs_record,
+        devshm: None,
+        open_files,
+        timings,
+    };
+    manifest
+        .write(&req.image_dir)
+        .map_err(|e| fail("writing the manifest", e.to_string()))?;
+    if stop {
+        // The image is complete: now stop the container for good (runc semantics). Tasks are
+        // killed while frozen and die as soon as the cgroup thaws.
+        facts::kill_cgroup(freezer.path());
+        let _ = guard.force_thaw();
+    }
+    Ok(DumpReport {
+        manifest: Some(manifest),
+        stopped: stop,
+    })
+}
+
+fn check_criu(criu: &dyn CriuClient, f: &DumpFlags) -> Result<(), CriuError> {
+    let v = criu.version()?;
+    if v < MIN_CRIU {
+        return Err(CriuError::TooOld {
+            found: format!("{}.{}.{}", v / 10000, v / 100 % 100, v % 100),
+            needed: "4.2".into(),
+        });
+    }
+    let needs_track = f.pre_dump || f.parent_path.is_some();
+    if needs_track || f.common.lazy_pages {
+        let got = criu.features(Features {
+            mem_track: needs_track,
+            lazy_pages: f.common.lazy_pages,
+        })?;
+        if needs_track && !got.mem_track {
+            return Err(CriuError::Missing(
+                "CRIU is missing features: pre-dump and --parent-path need dirty-memory tracking \
+                 (soft-dirty), which this kernel does not provide (CONFIG_MEM_SOFT_DIRTY is off). \
+                 Take a full checkpoint instead (omit --pre-dump/--parent-path)."
+                    .into(),
+            ));
+        }
+        if f.common.lazy_pages && !got.lazy_pages {
+            return Err(CriuError::Missing(
+                "CRIU is missing features: --lazy-pages needs userfaultfd support in CRIU and the kernel"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn prepare_dirs(req: &DumpRequest) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    for dir in [&req.image_dir, &req.work_dir] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    // The image holds the container's memory: keep it private even if it already existed.
+    std::fs::set_permissions(&req.image_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("cannot chmod {}: {e}", req.image_dir.display()))
+}
+
+fn detect(req: &DumpRequest) -> Result<Option<RootfsKind>, String> {
+    if req.snapshot == SnapshotMode::None || req.flags.pre_dump {
+        return Ok(None);
+    }
+    let kind = rootfs::detect_rootfs(&req.rootfs).map_err(|e| e.to_string())?;
+    if req.snapshot == SnapshotMode::Overlay && !matches!(kind, RootfsKind::Overlay { .. }) {
+        return Err(format!(
+            "--rootfs-snapshot overlay was asked, but {} is not an overlay mount ({}); use --rootfs-snapshot auto",
+            req.rootfs.display(),
+            kind_name(&kind)
+        ));
+    }
+    Ok(Some(kind))
+}
+
+fn kind_name(kind: &RootfsKind) -> String {
+    match kind {
+        RootfsKind::Overlay { .. } => "overlay".into(),
+        RootfsKind::Directory { .. } => "directory".into(),
+        RootfsKind::Other { fstype, .. } => format!("other:{fstype}"),
+    }
+}
+
+fn rootfs_record(kind: &Option<RootfsKind>, mode: SnapshotMode) -> RootfsRecord {
+    let mut r = RootfsRecord {
+        kind: kind.as_ref().map(kind_name).unwrap_or_else(|| "unknown".into()),
+        upper_dir: None,
+        upper_identity: None,
+        snapshot: None,
+        skipped_because: None,
+        device_nodes: Vec::new(),
+        entries: 0,
+        bytes: 0,
+    };
+    match kind {
+        Some(RootfsKind::Overlay { upper_dir, .. }) => {
+            r.upper_dir = Some(upper_dir.clone());
+            r.upper_identity = facts::identity(upper_dir);
+        }
+        Some(RootfsKind::Directory { .. }) => {
+            r.skipped_because = Some(
+                "the rootfs is a plain directory, not an overlay: its changes cannot be told apart \
+                 from the image, so restore needs the same directory"
+                    .into(),
+            )
+        }
+        Some(RootfsKind::Other { fstype, .. }) => {
+            r.skipped_because = Some(format!("the rootfs is a {fstype} mount, not an overlay"))
+        }
+        None if mode == SnapshotMode::None => {
+            r.skipped_because = Some("--rootfs-snapshot none".into())
+        }
+        None => r.skipped_because = Some("pre-dump".into()),
+    }
+    r
+}
+
+fn apply_plan(opts: &mut crate::criu::rpc::Criu_opts, plan: &DumpPlan, spec: &Spec) {
+    opts.set_root(plan.root.to_string_lossy().into_owned());
+    for m in &plan.ext_mounts {
+        let mut e = crate::criu::rpc::Ext_mount_map::new();
+        e.set_key(m.key.clone());
+        e.set_val(m.val.clone());
+        opts.ext_mnt.push(e);
+    }
+    opts.external.extend(plan.externals.iter().cloned());
+    opts.set_empty_ns(plan.empty_ns);
+    if let Some(cg) = &plan.freeze_cgroup {
+        opts.set_freeze_cgroup(cg.to_string_lossy().into_owned());
+    }
+    if let Some(cfg) = flags::config_file(spec.annotations().as_ref()) {
+        opts.set_config_file(cfg);
+    }
+}
+
+fn signal_status_fd(fd: i32) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    // SAFETY: --status-fd names an fd the caller opened for us and hands over; we write one
+    // byte and close it, as runc does.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.write_all(&[0]).map_err(|e| format!("writing to --status-fd {fd}: {e}"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), String> {
+    let f = std::fs::File::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f))
+        .map_err(|e| format!("syncfs {}: {e}", dir.display()))
+}
+
+fn compress_threads() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,11 @@
+//! The checkpoint engine: CRIU client, dump/restore plans, image manifest, rootfs snapshot.
+
+pub mod criu;
+pub mod descriptors;
+pub mod dump;
+pub mod facts;
+pub mod flags;
+pub mod signals;
+pub mod manifest;
+pub mod plan;
+pub mod restore;

@@ -1,0 +1,245 @@
+//! cryo's own per-container record, stored as `<root>/<id>/cryo.json` beside libcontainer's
+//! `state.json`, and the per-container lock every verb holds while it acts.
+//!
+//! libcontainer owns the lifecycle state (status, pid, cgroup path). The record adds what a
+//! checkpoint needs later and libcontainer does not keep: the stdio the init process was
+//! started with (runc's "external descriptors", the inodes written to `descriptors.json`), the
+//! rootfs and whether the container came from a restore.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::atomic::write_atomic;
+
+const RECORD_FILE: &str = "cryo.json";
+const LOCK_DIR: &str = ".locks";
+
+/// What cryo remembers about one container.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContainerRecord {
+    /// Container id.
+    pub id: String,
+    /// Absolute bundle directory.
+    pub bundle: PathBuf,
+    /// Host path of the root filesystem.
+    pub rootfs: PathBuf,
+    /// What fds 0, 1 and 2 of the init process pointed to when it started (`/dev/null`,
+    /// `pipe:[123]`, `/dev/pts/0` …). Written to `descriptors.json` at checkpoint so a restore
+    /// can map the caller's new pipes onto them.
+    pub stdio: Vec<String>,
+    /// Whether the init process has a terminal (`process.terminal`).
+    pub terminal: bool,
+    /// When the record was made.
+    pub created: DateTime<Utc>,
+    /// Image directory this container was restored from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<PathBuf>,
+}
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// No such container.
+    #[error("container {0} does not exist")]
+    NotFound(String),
+    /// Filesystem trouble, with the path.
+    #[error("{step} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        step: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The record is unreadable.
+    #[error("container record {path} is corrupt ({reason}); `cryo delete --force` removes it")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Parser message.
+        reason: String,
+    },
+}
+
+/// Where containers live: `--root` (default `/run/cryo`).
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    root: PathBuf,
+}
+
+/// An exclusive flock on one container id, held for the duration of a verb.
+#[derive(Debug)]
+pub struct StoreLock {
+    _guard: Flock<File>,
+    path: PathBuf,
+}
+
+impl StoreLock {
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl StateStore {
+    /// A store rooted at `root` (created on first use, mode 0700).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<root>/<id>`: libcontainer's container directory.
+    pub fn container_dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    /// Take the per-container lock; blocks while another cryo process acts on the same id.
+    pub fn lock(&self, id: &str) -> Result<StoreLock, StateError> {
+        let dir = self.root.join(LOCK_DIR);
+        create_private_dir(&dir)?;
+        let path = dir.join(id);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StateError::Io {
+                step: "open lock",
+                path: path.clone(),
+                source,
+            })?;
+        let guard = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
+            StateError::Io {
+                step: "lock",
+                path: path.clone(),
+                source: errno.into(),
+            }
+        })?;
+        Ok(StoreLock {
+            _guard: guard,
+            path,
+        })
+    }
+
+    /// Whether libcontainer has a state for `id`.
+    pub fn exists(&self, id: &str) -> bool {
+        self.container_dir(id).join("state.json").exists()
+    }
+
+    /// Read the record of `id`; `Ok(None)` when the container has none (made by another tool).
+    pub fn load(&self, id: &str) -> Result<Option<ContainerRecord>, StateError> {
+        let path = self.container_dir(id).join(RECORD_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| StateError::Corrupt {
+                    path,
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io {
+                step: "read",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Persist the record atomically (temp file, fsync, rename).
+    pub fn save(&self, record: &ContainerRecord) -> Result<(), StateError> {
+        let dir = self.container_dir(&record.id);
+        create_private_dir(&dir)?;
+        let path = dir.join(RECORD_FILE);
+        let bytes = serde_json::to_vec_pretty(record).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&path, &bytes).map_err(|source| StateError::Io {
+            step: "write",
+            path,
+            source,
+        })
+    }
+
+    /// Forget the lock file of a deleted container (the record goes with its directory).
+    pub fn remove_lock_file(&self, id: &str) {
+        let _ = fs::remove_file(self.root.join(LOCK_DIR).join(id));
+    }
+
+    /// Ids of every container with a libcontainer state, sorted.
+    pub fn list(&self) -> Result<Vec<String>, StateError> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(StateError::Io {
+                    step: "list",
+                    path: self.root.clone(),
+                    source,
+                })
+            }
+        };
+        let mut ids: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().join("state.json").exists())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| StateError::Io {
+            step: "create directory",
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn record(id: &str) -> ContainerRecord {
+        ContainerRecord {
+            id: id.into(),
+            bundle: "/b".into(),
+            rootfs: "/b/rootfs".into(),
+            stdio: vec!["/dev/null".into(), "pipe:[1]".into(), "pipe:[2]".into()],
+            terminal: false,
+            created: Utc::now(),
+            restored_from: None,
+        }
+    }
+
+    #[test]
+    fn save_load_roundtrip_and_missing_is_none() {
+        let root = std::env::temp_dir().join(format!("cryo-store-{}", std::process::id()));
+        let store = StateStore::new(&root);
+        assert!(store.load("a").unwrap().is_none());
+        let _lock = store.lock("a").unwrap();
+        let r = record("a");
+        store.save(&r).unwrap();
+        assert_eq!(store.load("a").unwrap(), Some(r));
+        fs::write(store.container_dir("a").join(RECORD_FILE), "{").unwrap();
+        let e = store.load("a").unwrap_err().to_string();
+        assert!(e.contains("corrupt") && e.contains("delete --force"), "{e}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
