@@ -132,9 +132,11 @@ pub fn checkpoint(
 
     // ---- freeze window ----
     let t_freeze = Instant::now();
-    let guard = FreezeGuard::freeze(freezer, req.freeze_timeout)
-        .map_err(|e| fail("freezing the container", e.to_string()))?;
-    let was_paused = guard.was_frozen_before();
+    let mut guard = Some(
+        FreezeGuard::freeze(freezer, req.freeze_timeout)
+            .map_err(|e| fail("freezing the container", e.to_string()))?,
+    );
+    let was_paused = guard.as_ref().is_some_and(FreezeGuard::was_frozen_before);
     let after = |was_paused: bool| {
         if was_paused {
             "; the container was left paused, as it was before".to_string()
@@ -227,9 +229,10 @@ pub fn checkpoint(
         ..Default::default()
     };
     if !stop {
-        guard
-            .release()
-            .map_err(|e| fail("thawing the container", e.to_string()))?;
+        if let Some(g) = guard.take() {
+            g.release()
+                .map_err(|e| fail("thawing the container", e.to_string()))?;
+        }
         timings.frozen_ms = ms(t_freeze.elapsed());
     }
     // ---- after the thaw (or, when stopping, still frozen: nothing is lost if this fails) ----
@@ -276,7 +279,9 @@ pub fn checkpoint(
         // The image is complete: now stop the container for good (runc semantics). Tasks are
         // killed while frozen and die as soon as the cgroup thaws.
         facts::kill_cgroup(freezer.path());
-        let _ = guard.force_thaw();
+        if let Some(g) = guard.take() {
+            let _ = g.force_thaw();
+        }
     }
     Ok(DumpReport {
         manifest: Some(manifest),

@@ -9,3 +9,4 @@ pub mod signals;
 pub mod manifest;
 pub mod plan;
 pub mod restore;
+pub mod rootfs;
