@@ -189,11 +189,6 @@ pub fn restore_plan(
             plan.ext_mounts.push(ExtMount { key, val });
         }
     };
-    let has_cgroupns = linux
-        .namespaces()
-        .iter()
-        .flatten()
-        .any(|n| n.typ() == LinuxNamespaceType::Cgroup);
     for m in spec.mounts().iter().flatten() {
         let dest = m.destination().to_string_lossy().to_string();
         if is_bind(m) {
@@ -203,7 +198,10 @@ pub fn restore_plan(
                 .map(|s| s.to_string_lossy().to_string())
                 .unwrap_or_else(|| dest.clone());
             add(dest, src);
-        } else if m.typ().as_deref() == Some("cgroup") && !has_cgroupns {
+        } else if m.typ().as_deref() == Some("cgroup") {
+            // Offer every host controller: the image only asks for those the runtime
+            // bind-mounted at dump time (runc and libcontainer both bind them, with or
+            // without a cgroup namespace), and CRIU ignores the rest.
             for host in &facts.host_cgroup_mounts {
                 let Some(name) = host.file_name() else {
                     continue;

@@ -1,0 +1,397 @@
+//! The command line, runc's: global flags before the verb, the same verbs and flags.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// cryo: an OCI runtime whose specialty is checkpoint/restore.
+#[derive(Debug, Parser)]
+#[command(name = "cryo", disable_version_flag = true, args_override_self = true)]
+pub struct Cli {
+    /// Root directory for container state.
+    #[arg(long, global = true, default_value = "/run/cryo")]
+    pub root: PathBuf,
+    /// Log file (containerd reads errors from it).
+    #[arg(long, global = true)]
+    pub log: Option<PathBuf>,
+    /// Log format.
+    #[arg(long = "log-format", global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Debug logging.
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Accepted for compatibility; this runtime drives cgroupfs.
+    #[arg(long = "systemd-cgroup", global = true)]
+    pub systemd_cgroup: bool,
+    /// Accepted for compatibility with old callers; CRIU is looked up in PATH.
+    #[arg(long, global = true)]
+    pub criu: Option<PathBuf>,
+    /// Accepted for compatibility (runc's rootless detection).
+    #[arg(long, global = true)]
+    pub rootless: Option<String>,
+    /// Print the version.
+    #[arg(short = 'v', long)]
+    pub version: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `time="…" level=error msg="…"`
+    Text,
+    /// `{"level":"error","msg":"…","time":"…"}`
+    Json,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a container.
+    Create(CreateArgs),
+    /// Start a created container.
+    Start(IdArg),
+    /// Create and start a container.
+    Run(RunArgs),
+    /// Print a container's state as JSON.
+    State(IdArg),
+    /// List containers.
+    #[command(alias = "ls")]
+    List(ListArgs),
+    /// Send a signal to a container's init process.
+    Kill(KillArgs),
+    /// Delete a container.
+    Delete(DeleteArgs),
+    /// Run a process in a running container.
+    Exec(ExecArgs),
+    /// List a container's processes.
+    Ps(PsArgs),
+    /// Freeze a container.
+    Pause(IdArg),
+    /// Thaw a container.
+    Resume(IdArg),
+    /// Print container events / stats.
+    Events(EventsArgs),
+    /// Update resource limits.
+    Update(UpdateArgs),
+    /// Print the runtime's features as JSON.
+    Features,
+    /// Write a default config.json.
+    Spec(SpecArgs),
+    /// Checkpoint a running container with CRIU.
+    Checkpoint(CheckpointArgs),
+    /// Restore a container from a checkpoint.
+    Restore(RestoreArgs),
+}
+
+/// Just a container id.
+#[derive(Debug, Args)]
+pub struct IdArg {
+    /// Container id.
+    pub container_id: String,
+}
+
+/// `create`
+#[derive(Debug, Args, Clone)]
+pub struct CreateArgs {
+    /// Bundle directory.
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    /// Write the init pid here.
+    #[arg(long = "pid-file")]
+    pub pid_file: Option<PathBuf>,
+    /// Unix socket that receives the pty master.
+    #[arg(long = "console-socket")]
+    pub console_socket: Option<PathBuf>,
+    /// Do not pivot_root (accepted).
+    #[arg(long = "no-pivot")]
+    pub no_pivot: bool,
+    /// Do not create a session keyring (accepted).
+    #[arg(long = "no-new-keyring")]
+    pub no_new_keyring: bool,
+    /// Pass N extra fds (from 3) to the container.
+    #[arg(long = "preserve-fds", default_value_t = 0)]
+    pub preserve_fds: i32,
+    /// Container id.
+    pub container_id: String,
+}
+
+/// `run`
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// create's flags.
+    #[command(flatten)]
+    pub create: CreateArgs,
+    /// Do not wait for the container.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Do not become a subreaper (accepted).
+    #[arg(long = "no-subreaper")]
+    pub no_subreaper: bool,
+}
+
+/// `list`
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// `table` or `json`.
+    #[arg(short, long, default_value = "table")]
+    pub format: String,
+    /// Ids only.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `kill`
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// Signal every process of the container.
+    #[arg(short, long)]
+    pub all: bool,
+    /// Container id.
+    pub container_id: String,
+    /// Signal: number, name or SIG-name.
+    #[arg(default_value = "SIGTERM")]
+    pub signal: String,
+}
+
+/// `delete`
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Kill a running container first.
+    #[arg(short, long)]
+    pub force: bool,
+    /// Container id.
+    pub container_id: String,
+}
+
+/// `exec`
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// process.json describing the process.
+    #[arg(short, long)]
+    pub process: Option<PathBuf>,
+    /// Do not wait.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Write the pid here.
+    #[arg(long = "pid-file")]
+    pub pid_file: Option<PathBuf>,
+    /// Allocate a terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Unix socket that receives the pty master.
+    #[arg(long = "console-socket")]
+    pub console_socket: Option<PathBuf>,
+    /// Working directory.
+    #[arg(long)]
+    pub cwd: Option<PathBuf>,
+    /// Environment (KEY=VALUE).
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    /// User (uid[:gid]).
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// Extra capabilities.
+    #[arg(long)]
+    pub cap: Vec<String>,
+    /// Set no_new_privs.
+    #[arg(long = "no-new-privs")]
+    pub no_new_privs: bool,
+    /// Run in a paused container anyway (accepted).
+    #[arg(long = "ignore-paused")]
+    pub ignore_paused: bool,
+    /// Container id.
+    pub container_id: String,
+    /// Command and arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// `ps`
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// `table` or `json`.
+    #[arg(short, long, default_value = "table")]
+    pub format: String,
+    /// Container id.
+    pub container_id: String,
+}
+
+/// `events`
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Print stats once and exit.
+    #[arg(long)]
+    pub stats: bool,
+    /// Seconds between stats.
+    #[arg(long, default_value_t = 5)]
+    pub interval: u32,
+    /// Container id.
+    pub container_id: String,
+}
+
+/// `update`
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// JSON LinuxResources file (`-` for stdin).
+    #[arg(short, long)]
+    pub resources: Option<PathBuf>,
+    /// Memory limit in bytes.
+    #[arg(long)]
+    pub memory: Option<i64>,
+    /// CPU shares.
+    #[arg(long = "cpu-shares")]
+    pub cpu_shares: Option<u64>,
+    /// Pids limit.
+    #[arg(long = "pids-limit")]
+    pub pids_limit: Option<i64>,
+    /// Container id.
+    pub container_id: String,
+}
+
+/// `spec`
+#[derive(Debug, Args)]
+pub struct SpecArgs {
+    /// Where to write config.json.
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+}
+
+/// `checkpoint`
+#[derive(Debug, Args)]
+pub struct CheckpointArgs {
+    /// Where the images go (default ./checkpoint).
+    #[arg(long = "image-path")]
+    pub image_path: Option<PathBuf>,
+    /// Where logs and stats go (default: the image path).
+    #[arg(long = "work-path")]
+    pub work_path: Option<PathBuf>,
+    /// A previous pre-dump, relative to the image path.
+    #[arg(long = "parent-path")]
+    pub parent_path: Option<PathBuf>,
+    /// Keep the container running.
+    #[arg(long = "leave-running")]
+    pub leave_running: bool,
+    /// Checkpoint established TCP connections.
+    #[arg(long = "tcp-established")]
+    pub tcp_established: bool,
+    /// Skip in-flight TCP connections.
+    #[arg(long = "tcp-skip-in-flight")]
+    pub tcp_skip_in_flight: bool,
+    /// Remap linked files (CRIU --link-remap).
+    #[arg(long = "link-remap")]
+    pub link_remap: bool,
+    /// Allow external unix sockets.
+    #[arg(long = "ext-unix-sk")]
+    pub ext_unix_sk: bool,
+    /// Allow shell jobs.
+    #[arg(long = "shell-job")]
+    pub shell_job: bool,
+    /// Lazy pages (post-copy) via a page server.
+    #[arg(long = "lazy-pages")]
+    pub lazy_pages: bool,
+    /// Fd to signal when lazy pages are ready.
+    #[arg(long = "status-fd")]
+    pub status_fd: Option<i32>,
+    /// ADDRESS:PORT of a page server.
+    #[arg(long = "page-server")]
+    pub page_server: Option<String>,
+    /// Checkpoint file locks.
+    #[arg(long = "file-locks")]
+    pub file_locks: bool,
+    /// Memory-only pre-dump (needs soft-dirty tracking).
+    #[arg(long = "pre-dump")]
+    pub pre_dump: bool,
+    /// soft, full, strict or ignore.
+    #[arg(long = "manage-cgroups-mode")]
+    pub manage_cgroups_mode: Option<String>,
+    /// Namespaces whose contents are not dumped (only "network").
+    #[arg(long = "empty-ns")]
+    pub empty_ns: Vec<String>,
+    /// Deduplicate against the parent image.
+    #[arg(long = "auto-dedup")]
+    pub auto_dedup: bool,
+    /// auto, overlay or none: capture the overlay upper dir into the image.
+    #[arg(long = "rootfs-snapshot", default_value = "auto")]
+    pub rootfs_snapshot: String,
+    /// iptables, nftables or skip.
+    #[arg(long = "network-lock")]
+    pub network_lock: Option<String>,
+    /// Container id.
+    pub container_id: String,
+}
+
+/// `restore`
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Unix socket that receives the pty master.
+    #[arg(long = "console-socket")]
+    pub console_socket: Option<PathBuf>,
+    /// Where the images are (default ./checkpoint).
+    #[arg(long = "image-path")]
+    pub image_path: Option<PathBuf>,
+    /// Where logs and stats go (default: the image path).
+    #[arg(long = "work-path")]
+    pub work_path: Option<PathBuf>,
+    /// Restore established TCP connections.
+    #[arg(long = "tcp-established")]
+    pub tcp_established: bool,
+    /// Close restored TCP connections.
+    #[arg(long = "tcp-close")]
+    pub tcp_close: bool,
+    /// Allow external unix sockets.
+    #[arg(long = "ext-unix-sk")]
+    pub ext_unix_sk: bool,
+    /// Allow shell jobs.
+    #[arg(long = "shell-job")]
+    pub shell_job: bool,
+    /// Restore file locks.
+    #[arg(long = "file-locks")]
+    pub file_locks: bool,
+    /// soft, full, strict or ignore.
+    #[arg(long = "manage-cgroups-mode")]
+    pub manage_cgroups_mode: Option<String>,
+    /// Bundle directory.
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    /// Do not wait for the container.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Write the init pid here.
+    #[arg(long = "pid-file")]
+    pub pid_file: Option<PathBuf>,
+    /// Do not become a subreaper.
+    #[arg(long = "no-subreaper")]
+    pub no_subreaper: bool,
+    /// Do not pivot_root (accepted).
+    #[arg(long = "no-pivot")]
+    pub no_pivot: bool,
+    /// Namespaces whose contents are not restored (only "network").
+    #[arg(long = "empty-ns")]
+    pub empty_ns: Vec<String>,
+    /// Accepted (dedup happens at dump).
+    #[arg(long = "auto-dedup")]
+    pub auto_dedup: bool,
+    /// Lazy restore (userfaultfd).
+    #[arg(long = "lazy-pages")]
+    pub lazy_pages: bool,
+    /// LSM profile TYPE:NAME.
+    #[arg(long = "lsm-profile")]
+    pub lsm_profile: Option<String>,
+    /// LSM mount context.
+    #[arg(long = "lsm-mount-context")]
+    pub lsm_mount_context: Option<String>,
+    /// Accepted (go-runc passes it when a parent checkpoint is set).
+    #[arg(long = "parent-path")]
+    pub parent_path: Option<PathBuf>,
+    /// Do not apply the image's rootfs snapshot.
+    #[arg(long = "no-rootfs-restore")]
+    pub no_rootfs_restore: bool,
+    /// iptables, nftables or skip.
+    #[arg(long = "network-lock")]
+    pub network_lock: Option<String>,
+    /// Container id.
+    pub container_id: String,
+}

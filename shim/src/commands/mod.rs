@@ -1,0 +1,78 @@
+//! One module per group of verbs. Every verb: lock → load and refresh → check the transition
+//! table → act → persist.
+
+pub mod checkpoint;
+pub mod exec;
+pub mod info;
+pub mod lifecycle;
+pub mod restore;
+
+use anyhow::{bail, Context as _};
+use libcontainer::container::{Container, ContainerStatus};
+
+use crate::context::Context;
+
+/// libcontainer's status as the transition table's.
+pub fn status_of(c: &Container) -> cryo_oci::Status {
+    match c.status() {
+        ContainerStatus::Creating => cryo_oci::Status::Creating,
+        ContainerStatus::Created => cryo_oci::Status::Created,
+        ContainerStatus::Running => cryo_oci::Status::Running,
+        ContainerStatus::Paused => cryo_oci::Status::Paused,
+        ContainerStatus::Stopped => cryo_oci::Status::Stopped,
+    }
+}
+
+/// Load a container (status refreshed from /proc).
+pub fn load_container(ctx: &Context, id: &str) -> anyhow::Result<(Container, cryo_oci::Status)> {
+    if !ctx.store.exists(id) {
+        bail!("container {id} does not exist");
+    }
+    let c = Container::load(ctx.store.container_dir(id))
+        .with_context(|| format!("cannot load the state of container {id}"))?;
+    let s = status_of(&c);
+    Ok((c, s))
+}
+
+/// Load and check that `verb` is allowed.
+pub fn load_for(ctx: &Context, id: &str, verb: cryo_oci::Verb) -> anyhow::Result<Container> {
+    let (c, s) = load_container(ctx, id)?;
+    cryo_oci::check(id, verb, s)?;
+    Ok(c)
+}
+
+/// Wait for a child, forwarding SIGINT/SIGTERM to it; returns its exit code (128+signal).
+pub fn wait_forwarding(pid: nix::unistd::Pid) -> i32 {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    let _ = forward_signals(pid);
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return 255,
+        }
+    }
+}
+
+static FORWARD_TO: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = FORWARD_TO.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+fn forward_signals(pid: nix::unistd::Pid) -> nix::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    FORWARD_TO.store(pid.as_raw(), std::sync::atomic::Ordering::SeqCst);
+    let act = SigAction::new(SigHandler::Handler(forward), SaFlags::SA_RESTART, SigSet::empty());
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2] {
+        // SAFETY: the handler only reads an atomic and calls kill(2).
+        unsafe { sigaction(s, &act) }?;
+    }
+    Ok(())
+}
