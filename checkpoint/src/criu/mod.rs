@@ -169,7 +169,8 @@ pub fn log_excerpt(log: &std::path::Path) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let mut keep = std::collections::BTreeSet::new();
     for (i, l) in lines.iter().enumerate() {
-        if l.contains("Error") {
+        // CRIU always logs this one when it runs without CAP_SYS_RESOURCE: harmless noise.
+        if l.contains("Error") && !l.contains("RLIMIT_NOFILE") {
             for j in i.saturating_sub(2)..=i {
                 keep.insert(j);
             }

@@ -332,6 +332,7 @@ fn converse(
             let msg = resp
                 .cr_errmsg
                 .as_ref()
+                .filter(|m| !m.contains("RLIMIT_NOFILE"))
                 .map(|m| format!(": {m}"))
                 .unwrap_or_default();
             return Err(CriuError::Failed {

@@ -1,0 +1,169 @@
+//! Running cryo (or runc) with a private state root.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A runtime binary with its own `--root`.
+#[derive(Clone)]
+pub struct Runtime {
+    /// The binary.
+    pub bin: PathBuf,
+    /// Its state root.
+    pub root: PathBuf,
+}
+
+impl Runtime {
+    /// cryo with a fresh root.
+    pub fn cryo() -> Self {
+        crate::require_prerequisites();
+        Self { bin: crate::cryo_bin(), root: std::env::temp_dir().join(crate::unique("cryo-root")) }
+    }
+
+    /// runc with a fresh root.
+    pub fn runc() -> Self {
+        Self { bin: PathBuf::from("runc"), root: std::env::temp_dir().join(crate::unique("runc-root")) }
+    }
+
+    /// A command with `--root` set.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--root").arg(&self.root);
+        c
+    }
+
+    /// Run to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self.cmd().args(args).stdin(Stdio::null()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{} {args:?} panicked: {stderr}", self.bin.display());
+        out
+    }
+
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "{} {args:?} failed: {}", self.bin.display(), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run, require failure, return stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "{} {args:?} should have failed", self.bin.display());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `state` as JSON.
+    pub fn state(&self, id: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["state", id])).unwrap()
+    }
+
+    /// Start a command whose stdout is a pipe we read (what conmon and the shims do), wait for
+    /// the runtime to exit, return the pipe's read end.
+    pub fn spawn_with_pipe(&self, args: &[&str]) -> Lines {
+        // stderr is a pipe too (CRIU cannot checkpoint an fd on a host file); the container
+        // inherits it, so it is read on a thread instead of waited for.
+        let mut child: Child = self.cmd().args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let status = child.wait().unwrap();
+        if !status.success() {
+            std::thread::sleep(Duration::from_millis(200));
+            let msg: Vec<u8> = rx.try_iter().flatten().collect();
+            panic!("{} {args:?} failed: {}", self.bin.display(), String::from_utf8_lossy(&msg));
+        }
+        Lines::new(stdout)
+    }
+
+    /// Guard that force-deletes `id` on drop.
+    pub fn guard(&self, id: &str) -> ContainerGuard {
+        ContainerGuard { rt: self.clone(), id: id.to_string() }
+    }
+}
+
+/// Lines from a container's stdout, read on a thread so waits can time out.
+pub struct Lines {
+    rx: std::sync::mpsc::Receiver<String>,
+}
+
+impl Lines {
+    fn new(stdout: ChildStdout) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { rx }
+    }
+
+    /// Next line within `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<String> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// Wait until a line parses to a number >= `n`; returns it.
+    pub fn wait_count(&self, n: u64, timeout: Duration) -> u64 {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(l) = self.next(Duration::from_millis(200)) {
+                if let Some(v) = l.split_whitespace().next().and_then(|x| x.parse::<u64>().ok()) {
+                    if v >= n {
+                        return v;
+                    }
+                }
+            }
+        }
+        panic!("counter did not reach {n} within {timeout:?}");
+    }
+
+    /// Everything until the pipe closes (or `timeout`); returns the lines.
+    pub fn drain(&self, timeout: Duration) -> Vec<String> {
+        let end = Instant::now() + timeout;
+        let mut v = Vec::new();
+        while Instant::now() < end {
+            match self.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => v.push(l),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(_) => {}
+            }
+        }
+        v
+    }
+}
+
+/// Force-deletes a container on drop.
+pub struct ContainerGuard {
+    rt: Runtime,
+    id: String,
+}
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        let _ = self.rt.cmd().args(["delete", "--force", &self.id]).stderr(Stdio::null()).status();
+    }
+}
+
+/// The v1 freezer state of a container (by its init pid).
+pub fn freezer_state(pid: i64) -> String {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = cg.lines().find_map(|l| l.split_once(":freezer:").map(|(_, p)| p.to_string())).unwrap();
+    std::fs::read_to_string(Path::new("/sys/fs/cgroup/freezer").join(path.trim_start_matches('/')).join("freezer.state"))
+        .unwrap()
+        .trim()
+        .to_string()
+}

@@ -1,0 +1,112 @@
+//! The runc lifecycle through the `cryo` binary, as docker/podman/containerd drive it.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use cryo_tests::runtime::freezer_state;
+use cryo_tests::{unique, Bundle, Runtime};
+
+const COUNTER: &[&str] = &["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo $i; sleep 0.1; done"];
+
+#[test]
+fn create_start_exec_ps_pause_resume_kill_delete() {
+    let rt = Runtime::cryo();
+    let b = Bundle::busybox(COUNTER);
+    let id = unique("life");
+    let _g = rt.guard(&id);
+    let lines = rt.spawn_with_pipe(&["create", "--bundle", b.dir.to_str().unwrap(), &id]);
+    let st = rt.state(&id);
+    assert_eq!(st["status"], "created");
+    let pid = st["pid"].as_i64().unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    rt.ok(&["start", &id]);
+    assert_eq!(rt.state(&id)["status"], "running");
+    assert_eq!(rt.state(&id)["pid"].as_i64().unwrap(), pid);
+    lines.wait_count(2, Duration::from_secs(10));
+    let out = rt.ok(&["exec", &id, "sh", "-c", "echo hello-$((6*7))"]);
+    assert_eq!(out.trim(), "hello-42");
+    let ps: Vec<i64> = serde_json::from_str(&rt.ok(&["ps", "--format", "json", &id])).unwrap();
+    assert!(ps.contains(&pid), "{ps:?} lacks {pid}");
+    rt.ok(&["pause", &id]);
+    assert_eq!(rt.state(&id)["status"], "paused");
+    assert_eq!(freezer_state(pid), "FROZEN");
+    rt.ok(&["resume", &id]);
+    assert_eq!(freezer_state(pid), "THAWED");
+    assert_eq!(rt.state(&id)["status"], "running");
+    let list = rt.ok(&["list", "--format", "json"]);
+    assert!(list.contains(&id));
+    assert!(rt.ok(&["list"]).contains(&id));
+    rt.ok(&["kill", &id, "KILL"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rt.state(&id)["status"], "stopped");
+    let cg = format!("/sys/fs/cgroup/freezer/:youki:{id}");
+    rt.ok(&["delete", &id]);
+    assert!(rt.fails(&["state", &id]).contains("does not exist"));
+    assert!(!rt.root.join(&id).exists(), "state dir left behind");
+    assert!(!std::path::Path::new(&cg).exists(), "cgroup {cg} left behind");
+}
+
+#[test]
+fn run_attached_returns_exit_code_and_detached_runs() {
+    let rt = Runtime::cryo();
+    let b = Bundle::busybox(&["sh", "-c", "exit 3"]);
+    let id = unique("run");
+    let _g = rt.guard(&id);
+    let out = rt.run(&["run", "--bundle", b.dir.to_str().unwrap(), &id]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let b2 = Bundle::busybox(&["sleep", "30"]);
+    let id2 = unique("rund");
+    let _g2 = rt.guard(&id2);
+    let _out = rt.spawn_with_pipe(&["run", "-d", "--bundle", b2.dir.to_str().unwrap(), &id2]);
+    assert_eq!(rt.state(&id2)["status"], "running");
+    rt.ok(&["kill", &id2, "9"]);
+    rt.ok(&["delete", "--force", &id2]);
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let rt = Runtime::cryo();
+    assert!(rt.fails(&["state", "nope"]).contains("container nope does not exist"));
+    assert!(rt.fails(&["delete", "--force", "nope"]).contains("does not exist"));
+    assert!(rt.fails(&["create", "--bundle", "/nonexistent", "x"]).contains("does not exist"));
+    let b = Bundle::busybox(&["sleep", "30"]);
+    std::fs::write(b.dir.join("config.json"), "{ nope").unwrap();
+    assert!(rt.fails(&["create", "--bundle", b.dir.to_str().unwrap(), "x"]).contains("not a valid OCI runtime spec"));
+    let b = Bundle::busybox(&["sleep", "30"]);
+    let id = unique("dup");
+    let _g = rt.guard(&id);
+    rt.spawn_with_pipe(&["create", "--bundle", b.dir.to_str().unwrap(), &id]);
+    assert!(rt.fails(&["create", "--bundle", b.dir.to_str().unwrap(), &id]).contains("already exists"));
+    rt.ok(&["start", &id]);
+    let e = rt.fails(&["start", &id]);
+    assert!(e.contains("cannot start container") && e.contains("running"), "{e}");
+    let e = rt.fails(&["delete", &id]);
+    assert!(e.contains("--force"), "{e}");
+    let e = rt.fails(&["kill", &id, "NOTASIGNAL"]);
+    assert!(e.contains("invalid signal"), "{e}");
+}
+
+#[test]
+fn client_quirks_are_accepted() {
+    let rt = Runtime::cryo();
+    assert!(rt.run(&["checkpoint", "--help"]).status.success());
+    let out = rt.run(&["restore", "--lsm-mount-context"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("flag needs an argument"));
+    let log = std::env::temp_dir().join(unique("log.json"));
+    let out = rt.cmd().args(["--log", log.to_str().unwrap(), "--log-format", "json", "state", "ghost"]).output().unwrap();
+    assert!(!out.status.success());
+    let line = std::fs::read_to_string(&log).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    assert_eq!(v["level"], "error");
+    assert!(v["msg"].as_str().unwrap().contains("ghost does not exist"));
+    let _ = std::fs::remove_file(&log);
+    // go-runc's single-dash long flag and podman's repeated bool flag parse.
+    let out = rt.run(&["checkpoint", "--leave-running", "--leave-running", "ghost"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ghost does not exist"));
+    let out = rt.run(&["restore", "-no-subreaper", "--detach", "--bundle", "/nonexistent", "ghost"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    let f: serde_json::Value = serde_json::from_str(&rt.ok(&["features"])).unwrap();
+    assert_eq!(f["annotations"]["org.opencontainers.runc.checkpoint.enabled"], "true");
+    let v = rt.ok(&["--version"]);
+    assert!(v.starts_with("cryo version"));
+}
