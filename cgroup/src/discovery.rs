@@ -128,7 +128,10 @@ mod tests {
     fn finds_cgroup2_mount() {
         let mi = "30 25 0:26 / /sys/fs/cgroup/unified rw,nosuid shared:4 - cgroup2 cgroup2 rw\n\
                   31 25 0:27 / /sys/fs/cgroup/freezer rw shared:5 - cgroup cgroup rw,freezer\n";
-        assert_eq!(cgroup2_mount_in(mi), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount_in(mi),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(cgroup2_mount_in(""), None);
     }
 }

@@ -44,8 +44,14 @@ fn v2_timeout_thaws_and_explains() {
     std::fs::write(d.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
     let f = V2Freezer::new(&d);
     let e = f.freeze(Duration::from_millis(20)).unwrap_err().to_string();
-    assert!(e.contains(&d.display().to_string()) && e.contains("thawed again"), "{e}");
-    assert_eq!(std::fs::read_to_string(d.join("cgroup.freeze")).unwrap(), "0");
+    assert!(
+        e.contains(&d.display().to_string()) && e.contains("thawed again"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("cgroup.freeze")).unwrap(),
+        "0"
+    );
     assert_eq!(f.state().unwrap(), FreezerState::Thawed);
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -7,7 +7,9 @@ pub mod discovery;
 pub mod freezer;
 
 pub use discovery::{parse_proc_cgroup, ContainerCgroup, FreezerPath, ProcCgroupLine};
-pub use freezer::{freezer_for, FreezeGuard, FreezeStats, Freezer, FreezerState, V1Freezer, V2Freezer};
+pub use freezer::{
+    freezer_for, FreezeGuard, FreezeStats, Freezer, FreezerState, V1Freezer, V2Freezer,
+};
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -45,7 +45,11 @@ mod tests {
     fn roundtrip_in_runc_format() {
         let dir = std::env::temp_dir().join(format!("cryo-desc-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let v = vec!["/dev/null".to_string(), "pipe:[1]".into(), "pipe:[2]".into()];
+        let v = vec![
+            "/dev/null".to_string(),
+            "pipe:[1]".into(),
+            "pipe:[2]".into(),
+        ];
         write(&dir, &v).unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.join(FILE)).unwrap(),

@@ -179,7 +179,11 @@ pub fn checkpoint(
     }
     let rootfs_capture_ms = ms(t_capture.elapsed());
     if interrupted() {
-        return Err(fail_frozen("capturing", "interrupted by a signal".into(), None));
+        return Err(fail_frozen(
+            "capturing",
+            "interrupted by a signal".into(),
+            None,
+        ));
     }
 
     let t_dump = Instant::now();
@@ -192,9 +196,8 @@ pub fn checkpoint(
     // after the image is complete and durable, so no failure can lose the container. The one
     // exception is runc's TCP semantics: with --tcp-established and no --leave-running CRIU
     // must kill the tasks itself so the network stays locked for the peers until the restore.
-    let criu_kills = kind == CallKind::Dump
-        && !req.flags.leave_running
-        && req.flags.common.tcp_established;
+    let criu_kills =
+        kind == CallKind::Dump && !req.flags.leave_running && req.flags.common.tcp_established;
     opts.set_leave_running(!criu_kills);
     let log = req.work_dir.join(kind.log_name());
     let call = CriuCall {
@@ -218,7 +221,11 @@ pub fn checkpoint(
         .map_err(|e| fail_frozen("dumping with CRIU", e.to_string(), Some(log.clone())))?;
     let dump_ms = ms(t_dump.elapsed());
     if interrupted() {
-        return Err(fail_frozen("dumping", "interrupted by a signal".into(), Some(log)));
+        return Err(fail_frozen(
+            "dumping",
+            "interrupted by a signal".into(),
+            Some(log),
+        ));
     }
 
     let stop = kind == CallKind::Dump && !req.flags.leave_running;
@@ -360,7 +367,10 @@ fn kind_name(kind: &RootfsKind) -> String {
 
 fn rootfs_record(kind: &Option<RootfsKind>, mode: SnapshotMode) -> RootfsRecord {
     let mut r = RootfsRecord {
-        kind: kind.as_ref().map(kind_name).unwrap_or_else(|| "unknown".into()),
+        kind: kind
+            .as_ref()
+            .map(kind_name)
+            .unwrap_or_else(|| "unknown".into()),
         upper_dir: None,
         upper_identity: None,
         snapshot: None,
@@ -374,13 +384,11 @@ fn rootfs_record(kind: &Option<RootfsKind>, mode: SnapshotMode) -> RootfsRecord 
             r.upper_dir = Some(upper_dir.clone());
             r.upper_identity = facts::identity(upper_dir);
         }
-        Some(RootfsKind::Directory { .. }) => {
-            r.skipped_because = Some(
-                "the rootfs is a plain directory, not an overlay: its changes cannot be told apart \
+        Some(RootfsKind::Directory { .. }) => r.skipped_because = Some(
+            "the rootfs is a plain directory, not an overlay: its changes cannot be told apart \
                  from the image, so restore needs the same directory"
-                    .into(),
-            )
-        }
+                .into(),
+        ),
         Some(RootfsKind::Other { fstype, .. }) => {
             r.skipped_because = Some(format!("the rootfs is a {fstype} mount, not an overlay"))
         }
@@ -416,7 +424,8 @@ fn signal_status_fd(fd: i32) -> Result<(), String> {
     // SAFETY: --status-fd names an fd the caller opened for us and hands over; we write one
     // byte and close it, as runc does.
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-    f.write_all(&[0]).map_err(|e| format!("writing to --status-fd {fd}: {e}"))
+    f.write_all(&[0])
+        .map_err(|e| format!("writing to --status-fd {fd}: {e}"))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), String> {

@@ -39,7 +39,11 @@ pub fn gather_dump_facts(
         .cloned()
         .collect();
     let mut ns_inodes = Vec::new();
-    for ns in linux.and_then(|l| l.namespaces().as_ref()).into_iter().flatten() {
+    for ns in linux
+        .and_then(|l| l.namespaces().as_ref())
+        .into_iter()
+        .flatten()
+    {
         if let Some(path) = ns.path() {
             let md = std::fs::metadata(path)
                 .map_err(|e| format!("namespace file {}: {e}", path.display()))?;

@@ -105,7 +105,9 @@ pub fn page_server(v: &str) -> Result<(String, i32), FlagError> {
     if host.is_empty() {
         return Err(FlagError::PageServer(v.to_string()));
     }
-    let port: u16 = port.parse().map_err(|_| FlagError::PagePort(v.to_string()))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| FlagError::PagePort(v.to_string()))?;
     Ok((host.to_string(), i32::from(port)))
 }
 
@@ -130,11 +132,7 @@ pub fn apply_common(opts: &mut rpc::Criu_opts, f: &CommonFlags) -> Result<(), Fl
 }
 
 /// Build the dump options (flags only; the plan adds mounts and namespaces).
-pub fn dump_opts(
-    f: &DumpFlags,
-    image_dir: &Path,
-    pid: i32,
-) -> Result<rpc::Criu_opts, FlagError> {
+pub fn dump_opts(f: &DumpFlags, image_dir: &Path, pid: i32) -> Result<rpc::Criu_opts, FlagError> {
     let mut opts = rpc::Criu_opts::new();
     opts.set_pid(pid);
     apply_common(&mut opts, &f.common)?;
@@ -161,19 +159,25 @@ pub fn dump_opts(
     }
     if let Some(fd) = f.status_fd {
         if !f.common.lazy_pages {
-            return Err(FlagError::Conflict("--status-fd only makes sense with --lazy-pages"));
+            return Err(FlagError::Conflict(
+                "--status-fd only makes sense with --lazy-pages",
+            ));
         }
         opts.set_status_fd(fd);
     }
     if f.pre_dump && f.common.lazy_pages {
-        return Err(FlagError::Conflict("--pre-dump and --lazy-pages cannot be combined"));
+        return Err(FlagError::Conflict(
+            "--pre-dump and --lazy-pages cannot be combined",
+        ));
     }
     Ok(opts)
 }
 
 /// The CRIU config file runc would use: the `org.criu.config` annotation (empty = none),
 /// else `/etc/criu/runc.conf` when it exists.
-pub fn config_file(annotations: Option<&std::collections::HashMap<String, String>>) -> Option<String> {
+pub fn config_file(
+    annotations: Option<&std::collections::HashMap<String, String>>,
+) -> Option<String> {
     match annotations.and_then(|a| a.get("org.criu.config")) {
         Some(v) if v.is_empty() => None,
         Some(v) => Some(v.clone()),
@@ -214,18 +218,36 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_fix() {
-        assert!(cgroup_mode("weird").unwrap_err().to_string().contains("soft, full"));
-        assert!(network_lock("x").unwrap_err().to_string().contains("nftables"));
-        assert_eq!(page_server("nope"), Err(FlagError::PageServer("nope".into())));
-        assert_eq!(page_server("h:99999"), Err(FlagError::PagePort("h:99999".into())));
+        assert!(cgroup_mode("weird")
+            .unwrap_err()
+            .to_string()
+            .contains("soft, full"));
+        assert!(network_lock("x")
+            .unwrap_err()
+            .to_string()
+            .contains("nftables"));
+        assert_eq!(
+            page_server("nope"),
+            Err(FlagError::PageServer("nope".into()))
+        );
+        assert_eq!(
+            page_server("h:99999"),
+            Err(FlagError::PagePort("h:99999".into()))
+        );
         assert_eq!(page_server("[::1]:80").unwrap(), ("::1".to_string(), 80));
         let mut f = DumpFlags {
             parent_path: Some("/abs".into()),
             ..Default::default()
         };
-        assert!(matches!(dump_opts(&f, Path::new("/"), 1), Err(FlagError::ParentAbsolute(_))));
+        assert!(matches!(
+            dump_opts(&f, Path::new("/"), 1),
+            Err(FlagError::ParentAbsolute(_))
+        ));
         f.parent_path = Some("../missing-parent".into());
-        assert!(matches!(dump_opts(&f, Path::new("/tmp"), 1), Err(FlagError::ParentMissing(_))));
+        assert!(matches!(
+            dump_opts(&f, Path::new("/tmp"), 1),
+            Err(FlagError::ParentMissing(_))
+        ));
     }
 
     #[test]

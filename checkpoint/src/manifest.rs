@@ -216,7 +216,10 @@ mod tests {
         assert_eq!(Manifest::read(&dir).unwrap(), Some(m));
         std::fs::write(dir.join(FILE), r#"{"format":"cryo.checkpoint/v9"}"#).unwrap();
         let e = Manifest::read(&dir).unwrap_err().to_string();
-        assert!(e.contains("v9") && e.contains("restore it with the cryo that made it"), "{e}");
+        assert!(
+            e.contains("v9") && e.contains("restore it with the cryo that made it"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -79,7 +79,11 @@ pub enum PlanError {
 }
 
 /// Plan a dump.
-pub fn dump_plan(spec: &Spec, facts: &DumpFacts, empty_ns: &[String]) -> Result<DumpPlan, PlanError> {
+pub fn dump_plan(
+    spec: &Spec,
+    facts: &DumpFacts,
+    empty_ns: &[String],
+) -> Result<DumpPlan, PlanError> {
     let linux = spec.linux().as_ref().ok_or(PlanError::NoLinux)?;
     let mut plan = DumpPlan {
         root: facts.rootfs.clone(),
@@ -117,9 +121,7 @@ pub fn dump_plan(spec: &Spec, facts: &DumpFacts, empty_ns: &[String]) -> Result<
     }
     for (ty, ino) in &facts.ns_inodes {
         match ty {
-            LinuxNamespaceType::Network => {
-                plan.externals.push(format!("net[{ino}]:extRootNetNS"))
-            }
+            LinuxNamespaceType::Network => plan.externals.push(format!("net[{ino}]:extRootNetNS")),
             LinuxNamespaceType::Pid => plan.externals.push(format!("pid[{ino}]:extRootPidNS")),
             _ => {}
         }
@@ -206,7 +208,10 @@ pub fn restore_plan(
                 let Some(name) = host.file_name() else {
                     continue;
                 };
-                let rel = facts.cgroup_path.strip_prefix("/").unwrap_or(&facts.cgroup_path);
+                let rel = facts
+                    .cgroup_path
+                    .strip_prefix("/")
+                    .unwrap_or(&facts.cgroup_path);
                 add(
                     Path::new(&dest).join(name).to_string_lossy().to_string(),
                     host.join(rel).to_string_lossy().to_string(),
@@ -263,8 +268,7 @@ pub fn empty_ns_mask(values: &[String]) -> Result<u32, PlanError> {
 
 fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
     m.typ().as_deref() == Some("bind")
-        || m
-            .options()
+        || m.options()
             .iter()
             .flatten()
             .any(|o| o == "bind" || o == "rbind")

@@ -66,12 +66,24 @@ fn dump_plan_makes_binds_masks_devices_cgroups_and_netns_external() {
 fn restore_plan_maps_sources_stdio_and_namespaces() {
     let facts = RestoreFacts {
         criu_root: "/run/cryo/c2/criu-root".into(),
-        host_cgroup_mounts: vec!["/sys/fs/cgroup/freezer".into(), "/sys/fs/cgroup/cpu,cpuacct".into()],
+        host_cgroup_mounts: vec![
+            "/sys/fs/cgroup/freezer".into(),
+            "/sys/fs/cgroup/cpu,cpuacct".into(),
+        ],
         cgroup_path: "/cryo/c2".into(),
     };
-    let desc = vec!["/dev/null".to_string(), "pipe:[11]".into(), "pipe:[12]".into()];
+    let desc = vec![
+        "/dev/null".to_string(),
+        "pipe:[11]".into(),
+        "pipe:[12]".into(),
+    ];
     let plan = restore_plan(&spec(SPEC), &facts, &desc, &["network".into()]).unwrap();
-    let find = |k: &str| plan.ext_mounts.iter().find(|m| m.key == k).map(|m| m.val.clone());
+    let find = |k: &str| {
+        plan.ext_mounts
+            .iter()
+            .find(|m| m.key == k)
+            .map(|m| m.val.clone())
+    };
     assert_eq!(find("/data").as_deref(), Some("/srv/data"));
     assert_eq!(find("/etc/hosts").as_deref(), Some("/tmp/hosts"));
     assert_eq!(
@@ -87,15 +99,24 @@ fn restore_plan_maps_sources_stdio_and_namespaces() {
     assert_eq!(
         plan.inherit_fds,
         vec![
-            InheritFd { key: "pipe:[11]".into(), source: FdSource::Stdio(1) },
-            InheritFd { key: "pipe:[12]".into(), source: FdSource::Stdio(2) },
+            InheritFd {
+                key: "pipe:[11]".into(),
+                source: FdSource::Stdio(1)
+            },
+            InheritFd {
+                key: "pipe:[12]".into(),
+                source: FdSource::Stdio(2)
+            },
             InheritFd {
                 key: "extRootNetNS".into(),
                 source: FdSource::NsPath("/var/run/netns/x".into())
             },
         ]
     );
-    assert_eq!(plan.join_ns, vec![("ipc".to_string(), PathBuf::from("/proc/7/ns/ipc"))]);
+    assert_eq!(
+        plan.join_ns,
+        vec![("ipc".to_string(), PathBuf::from("/proc/7/ns/ipc"))]
+    );
 }
 
 #[test]
@@ -105,8 +126,13 @@ fn bad_inputs_are_refused_with_reasons() {
     let no_linux = spec(r#"{"ociVersion":"1.0.2","root":{"path":"r"}}"#);
     let mut s = no_linux.clone();
     s.set_linux(None);
-    assert_eq!(dump_plan(&s, &DumpFacts::default(), &[]), Err(PlanError::NoLinux));
-    let cg = spec(r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"cgroup","path":"/proc/1/ns/cgroup"}]}}"#);
+    assert_eq!(
+        dump_plan(&s, &DumpFacts::default(), &[]),
+        Err(PlanError::NoLinux)
+    );
+    let cg = spec(
+        r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"cgroup","path":"/proc/1/ns/cgroup"}]}}"#,
+    );
     let e = restore_plan(&cg, &RestoreFacts::default(), &[], &[]).unwrap_err();
     assert_eq!(e, PlanError::UnsupportedNamespace("cgroup".into()));
 }

@@ -123,7 +123,9 @@ pub fn restore(
             ),
         ));
     }
-    let v = criu.version().map_err(|e| fail("checking CRIU", e.to_string()))?;
+    let v = criu
+        .version()
+        .map_err(|e| fail("checking CRIU", e.to_string()))?;
     if v < MIN_CRIU {
         return Err(fail(
             "checking CRIU",
@@ -136,8 +138,12 @@ pub fn restore(
     let mut opts = rpc::Criu_opts::new();
     flags::apply_common(&mut opts, &req.flags.common)
         .map_err(|e| fail("checking options", e.to_string()))?;
-    std::fs::create_dir_all(&req.work_dir)
-        .map_err(|e| fail("creating the work dir", format!("{}: {e}", req.work_dir.display())))?;
+    std::fs::create_dir_all(&req.work_dir).map_err(|e| {
+        fail(
+            "creating the work dir",
+            format!("{}: {e}", req.work_dir.display()),
+        )
+    })?;
 
     let (rootfs_applied, rootfs_note) = restore_rootfs(req, manifest.as_ref())
         .map_err(|e| fail("restoring the root filesystem", e))?;
@@ -211,12 +217,18 @@ pub fn restore(
     };
     let Some(pid) = pid else {
         host.destroy();
-        return Err(fail("restoring with CRIU", "CRIU reported no restored pid".into()));
+        return Err(fail(
+            "restoring with CRIU",
+            "CRIU reported no restored pid".into(),
+        ));
     };
     if let Some(pf) = &req.pid_file {
         if let Err(e) = cryo_oci::atomic::write_atomic(pf, pid.to_string().as_bytes()) {
             host.destroy();
-            return Err(fail("writing the pid file", format!("{}: {e}", pf.display())));
+            return Err(fail(
+                "writing the pid file",
+                format!("{}: {e}", pf.display()),
+            ));
         }
     }
     Ok(RestoreReport {
@@ -230,9 +242,15 @@ pub fn restore(
 }
 
 /// Apply the image's rootfs snapshot to the target unless it is the very upper dir captured.
-fn restore_rootfs(req: &RestoreRequest, manifest: Option<&Manifest>) -> Result<(bool, String), String> {
+fn restore_rootfs(
+    req: &RestoreRequest,
+    manifest: Option<&Manifest>,
+) -> Result<(bool, String), String> {
     let Some(m) = manifest else {
-        return Ok((false, "image has no cryo manifest (made by runc?): rootfs used as is".into()));
+        return Ok((
+            false,
+            "image has no cryo manifest (made by runc?): rootfs used as is".into(),
+        ));
     };
     let check = |applied: bool, note: String| -> Result<(bool, String), String> {
         let files: Vec<rootfs::OpenFile> = m
@@ -255,8 +273,13 @@ fn restore_rootfs(req: &RestoreRequest, manifest: Option<&Manifest>) -> Result<(
         return check(false, "--no-rootfs-restore".into());
     }
     if let Ok(rootfs::RootfsKind::Overlay { upper_dir, .. }) = rootfs::detect_rootfs(&req.rootfs) {
-        if m.rootfs.upper_identity.is_some() && facts::identity(&upper_dir) == m.rootfs.upper_identity {
-            return check(false, "restoring in place: the rootfs is the upper dir that was captured".into());
+        if m.rootfs.upper_identity.is_some()
+            && facts::identity(&upper_dir) == m.rootfs.upper_identity
+        {
+            return check(
+                false,
+                "restoring in place: the rootfs is the upper dir that was captured".into(),
+            );
         }
     }
     let policy = rootfs::ApplyPolicy {

@@ -17,7 +17,9 @@ pub struct Bundle {
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     /// The bundle directory does not exist.
-    #[error("bundle directory {0} does not exist: pass the directory holding config.json with --bundle")]
+    #[error(
+        "bundle directory {0} does not exist: pass the directory holding config.json with --bundle"
+    )]
     MissingDir(PathBuf),
     /// No config.json in the bundle.
     #[error("{0} not found: a bundle needs a config.json (create one with `cryo spec`)")]

@@ -117,13 +117,12 @@ impl StateStore {
                 path: path.clone(),
                 source,
             })?;
-        let guard = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
-            StateError::Io {
+        let guard =
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| StateError::Io {
                 step: "lock",
                 path: path.clone(),
                 source: errno.into(),
-            }
-        })?;
+            })?;
         Ok(StoreLock {
             _guard: guard,
             path,
@@ -139,12 +138,14 @@ impl StateStore {
     pub fn load(&self, id: &str) -> Result<Option<ContainerRecord>, StateError> {
         let path = self.container_dir(id).join(RECORD_FILE);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StateError::Corrupt {
-                    path,
-                    reason: e.to_string(),
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StateError::Corrupt {
+                        path,
+                        reason: e.to_string(),
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StateError::Io {
                 step: "read",

@@ -74,7 +74,10 @@ pub fn check(id: &str, verb: Verb, status: Status) -> Result<(), TransitionError
     use Status::*;
     use Verb::*;
     let (ok, hint) = match verb {
-        Start => (status == Created, "; only a created container can be started"),
+        Start => (
+            status == Created,
+            "; only a created container can be started",
+        ),
         Kill => (
             matches!(status, Created | Running | Paused),
             "; there is no process left to signal",
@@ -85,7 +88,10 @@ pub fn check(id: &str, verb: Verb, status: Status) -> Result<(), TransitionError
         ),
         ForceDelete => (true, ""),
         Exec => (status == Running, "; exec needs a running container"),
-        Pause => (status == Running, "; only a running container can be paused"),
+        Pause => (
+            status == Running,
+            "; only a running container can be paused",
+        ),
         Resume => (status == Paused, "; only a paused container can be resumed"),
         Checkpoint => (
             matches!(status, Running | Paused),
@@ -156,7 +162,9 @@ mod tests {
         assert!(check("c", Verb::Delete, Status::Running).is_err());
         assert!(check("c", Verb::ForceDelete, Status::Running).is_ok());
         assert!(check("c", Verb::Delete, Status::Stopped).is_ok());
-        let e = check("c", Verb::Delete, Status::Running).unwrap_err().to_string();
+        let e = check("c", Verb::Delete, Status::Running)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--force"), "{e}");
     }
 

@@ -59,10 +59,7 @@ pub fn log(level: &str, msg: &str) {
     if level == "debug" && !debug {
         return;
     }
-    if let Some(Sink {
-        file: Some(f), ..
-    }) = guard.as_mut()
-    {
+    if let Some(Sink { file: Some(f), .. }) = guard.as_mut() {
         let _ = writeln!(f, "{}", line(format, level, msg));
     }
     if level == "error" || level == "warning" {

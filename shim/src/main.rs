@@ -76,7 +76,8 @@ fn normalize_args(argv: Vec<String>) -> Vec<String> {
     let mut out = Vec::with_capacity(argv.len());
     let mut rest_is_positional = false;
     for (i, a) in argv.into_iter().enumerate() {
-        if i > 0 && !rest_is_positional && a.starts_with('-') && !a.starts_with("--") && a.len() > 2 {
+        if i > 0 && !rest_is_positional && a.starts_with('-') && !a.starts_with("--") && a.len() > 2
+        {
             let name = a[1..].split('=').next().unwrap_or("");
             if longs.contains(name) {
                 out.push(format!("-{a}"));
@@ -105,8 +106,8 @@ fn collect_longs(cmd: &clap::Command, into: &mut std::collections::HashSet<Strin
 /// podman probes `restore --lsm-mount-context` without a value and greps for runc's wording.
 fn exit_on_parse_error(e: clap::Error, argv: &[String]) -> ! {
     use clap::error::ErrorKind;
-    let missing_value = e.kind() == ErrorKind::InvalidValue
-        && e.to_string().contains("a value is required");
+    let missing_value =
+        e.kind() == ErrorKind::InvalidValue && e.to_string().contains("a value is required");
     if missing_value {
         let flag = argv
             .iter()

@@ -16,8 +16,16 @@ pub fn busybox_rootfs(root: &Path) {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    let st = Command::new("chroot").arg(root).args(["/bin/busybox", "--install", "-s", "/bin"]).status().unwrap();
-    assert!(st.success(), "busybox --install failed in {}", root.display());
+    let st = Command::new("chroot")
+        .arg(root)
+        .args(["/bin/busybox", "--install", "-s", "/bin"])
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "busybox --install failed in {}",
+        root.display()
+    );
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
     std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -46,9 +54,16 @@ impl Bundle {
             dir.join("upper").display(),
             dir.join("work").display()
         );
-        let st = Command::new("mount").args(["-t", "overlay", "overlay", "-o", &opts]).arg(dir.join("rootfs")).status().unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(dir.join("rootfs"))
+            .status()
+            .unwrap();
         assert!(st.success(), "overlay mount failed");
-        let b = Self { dir: dir.clone(), overlay: Some(dir.join("rootfs")) };
+        let b = Self {
+            dir: dir.clone(),
+            overlay: Some(dir.join("rootfs")),
+        };
         b.write_config(args, |_| {});
         b
     }
@@ -57,11 +72,21 @@ impl Bundle {
     pub fn write_config(&self, args: &[&str], edit: impl FnOnce(&mut serde_json::Value)) {
         let path = self.dir.join("config.json");
         let _ = std::fs::remove_file(&path);
-        let st = Command::new(crate::cryo_bin()).arg("spec").arg("--bundle").arg(&self.dir).status().unwrap();
+        let st = Command::new(crate::cryo_bin())
+            .arg("spec")
+            .arg("--bundle")
+            .arg(&self.dir)
+            .status()
+            .unwrap();
         assert!(st.success(), "cryo spec failed");
-        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         v["process"]["terminal"] = false.into();
-        v["process"]["args"] = args.iter().map(|a| serde_json::Value::from(*a)).collect::<Vec<_>>().into();
+        v["process"]["args"] = args
+            .iter()
+            .map(|a| serde_json::Value::from(*a))
+            .collect::<Vec<_>>()
+            .into();
         v["root"]["readonly"] = false.into();
         edit(&mut v);
         std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();

@@ -7,6 +7,7 @@
 
 pub mod bundle;
 pub mod runtime;
+pub mod tree_digest;
 
 pub use bundle::Bundle;
 pub use runtime::{ContainerGuard, Runtime};
@@ -23,28 +24,59 @@ pub fn cryo_bin() -> PathBuf {
     let p = std::env::var_os("CRYO_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target/debug/cryo"));
-    assert!(p.exists(), "{} is missing: build it first with `cargo build --workspace`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build it first with `cargo build --workspace`",
+        p.display()
+    );
     p
 }
 
 /// Fail (not skip) unless root, CRIU >= 4.2 passing `criu check`, and busybox are present.
 pub fn require_prerequisites() {
-    assert!(nix::unistd::geteuid().is_root(), "these tests need root (they create containers, cgroups and mounts): run them as root");
-    assert!(std::path::Path::new("/bin/busybox").exists(), "/bin/busybox is missing: run scripts/setup (installs busybox-static)");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests need root (they create containers, cgroups and mounts): run them as root"
+    );
+    assert!(
+        std::path::Path::new("/bin/busybox").exists(),
+        "/bin/busybox is missing: run scripts/setup (installs busybox-static)"
+    );
     let out = std::process::Command::new("criu").arg("--version").output();
-    let out = out.unwrap_or_else(|e| panic!("criu is not on PATH ({e}): run scripts/setup, which builds CRIU 4.2.1"));
+    let out = out.unwrap_or_else(|e| {
+        panic!("criu is not on PATH ({e}): run scripts/setup, which builds CRIU 4.2.1")
+    });
     let text = String::from_utf8_lossy(&out.stdout);
-    let v = text.lines().find_map(|l| l.strip_prefix("Version: ")).unwrap_or("0").trim().to_string();
+    let v = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .unwrap_or("0")
+        .trim()
+        .to_string();
     let mut it = v.split('.').map(|x| x.parse::<u32>().unwrap_or(0));
     let (maj, min) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-    assert!((maj, min) >= (4, 2), "criu {v} is too old: this kernel needs CRIU >= 4.2 (run scripts/setup)");
-    let check = std::process::Command::new("criu").arg("check").output().unwrap();
-    assert!(check.status.success(), "`criu check` fails: {}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        (maj, min) >= (4, 2),
+        "criu {v} is too old: this kernel needs CRIU >= 4.2 (run scripts/setup)"
+    );
+    let check = std::process::Command::new("criu")
+        .arg("check")
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "`criu check` fails: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 }
 
 /// A unique name for this test run.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }

@@ -18,12 +18,18 @@ impl Runtime {
     /// cryo with a fresh root.
     pub fn cryo() -> Self {
         crate::require_prerequisites();
-        Self { bin: crate::cryo_bin(), root: std::env::temp_dir().join(crate::unique("cryo-root")) }
+        Self {
+            bin: crate::cryo_bin(),
+            root: std::env::temp_dir().join(crate::unique("cryo-root")),
+        }
     }
 
     /// runc with a fresh root.
     pub fn runc() -> Self {
-        Self { bin: PathBuf::from("runc"), root: std::env::temp_dir().join(crate::unique("runc-root")) }
+        Self {
+            bin: PathBuf::from("runc"),
+            root: std::env::temp_dir().join(crate::unique("runc-root")),
+        }
     }
 
     /// A command with `--root` set.
@@ -37,21 +43,34 @@ impl Runtime {
     pub fn run(&self, args: &[&str]) -> Output {
         let out = self.cmd().args(args).stdin(Stdio::null()).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!stderr.contains("panicked"), "{} {args:?} panicked: {stderr}", self.bin.display());
+        assert!(
+            !stderr.contains("panicked"),
+            "{} {args:?} panicked: {stderr}",
+            self.bin.display()
+        );
         out
     }
 
     /// Run and require success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "{} {args:?} failed: {}", self.bin.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{} {args:?} failed: {}",
+            self.bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Run, require failure, return stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(!out.status.success(), "{} {args:?} should have failed", self.bin.display());
+        assert!(
+            !out.status.success(),
+            "{} {args:?} should have failed",
+            self.bin.display()
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
@@ -65,7 +84,14 @@ impl Runtime {
     pub fn spawn_with_pipe(&self, args: &[&str]) -> Lines {
         // stderr is a pipe too (CRIU cannot checkpoint an fd on a host file); the container
         // inherits it, so it is read on a thread instead of waited for.
-        let mut child: Child = self.cmd().args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child: Child = self
+            .cmd()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -81,14 +107,21 @@ impl Runtime {
         if !status.success() {
             std::thread::sleep(Duration::from_millis(200));
             let msg: Vec<u8> = rx.try_iter().flatten().collect();
-            panic!("{} {args:?} failed: {}", self.bin.display(), String::from_utf8_lossy(&msg));
+            panic!(
+                "{} {args:?} failed: {}",
+                self.bin.display(),
+                String::from_utf8_lossy(&msg)
+            );
         }
         Lines::new(stdout)
     }
 
     /// Guard that force-deletes `id` on drop.
     pub fn guard(&self, id: &str) -> ContainerGuard {
-        ContainerGuard { rt: self.clone(), id: id.to_string() }
+        ContainerGuard {
+            rt: self.clone(),
+            id: id.to_string(),
+        }
     }
 }
 
@@ -121,7 +154,11 @@ impl Lines {
         let end = Instant::now() + timeout;
         while Instant::now() < end {
             if let Some(l) = self.next(Duration::from_millis(200)) {
-                if let Some(v) = l.split_whitespace().next().and_then(|x| x.parse::<u64>().ok()) {
+                if let Some(v) = l
+                    .split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse::<u64>().ok())
+                {
                     if v >= n {
                         return v;
                     }
@@ -154,16 +191,28 @@ pub struct ContainerGuard {
 
 impl Drop for ContainerGuard {
     fn drop(&mut self) {
-        let _ = self.rt.cmd().args(["delete", "--force", &self.id]).stderr(Stdio::null()).status();
+        let _ = self
+            .rt
+            .cmd()
+            .args(["delete", "--force", &self.id])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
 /// The v1 freezer state of a container (by its init pid).
 pub fn freezer_state(pid: i64) -> String {
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let path = cg.lines().find_map(|l| l.split_once(":freezer:").map(|(_, p)| p.to_string())).unwrap();
-    std::fs::read_to_string(Path::new("/sys/fs/cgroup/freezer").join(path.trim_start_matches('/')).join("freezer.state"))
-        .unwrap()
-        .trim()
-        .to_string()
+    let path = cg
+        .lines()
+        .find_map(|l| l.split_once(":freezer:").map(|(_, p)| p.to_string()))
+        .unwrap();
+    std::fs::read_to_string(
+        Path::new("/sys/fs/cgroup/freezer")
+            .join(path.trim_start_matches('/'))
+            .join("freezer.state"),
+    )
+    .unwrap()
+    .trim()
+    .to_string()
 }

@@ -28,15 +28,30 @@ fn checkpoint_stops_and_restore_continues_counter_and_memory_on_new_pipes() {
     let seen = lines.wait_count(5, Duration::from_secs(20));
     let img = b.dir.join("img");
     rt.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), &id]);
-    assert!(rt.fails(&["state", &id]).contains("does not exist"), "checkpoint without --leave-running must end the container");
+    assert!(
+        rt.fails(&["state", &id]).contains("does not exist"),
+        "checkpoint without --leave-running must end the container"
+    );
     let before = lines.drain(Duration::from_secs(5));
     let last = before.last().map(|l| count(l)).unwrap_or(seen);
     assert!(img.join("cryo-manifest.json").exists() && img.join("descriptors.json").exists());
     let restored = rt.spawn_with_pipe(&[
-        "restore", "--detach", "--bundle", b.dir.to_str().unwrap(), "--image-path", img.to_str().unwrap(), &id2,
+        "restore",
+        "--detach",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        img.to_str().unwrap(),
+        &id2,
     ]);
-    let first = restored.next(Duration::from_secs(10)).expect("no output from the restored process on its new stdout");
-    assert_eq!(count(&first), last + 1, "the counter must continue from the checkpoint, not restart");
+    let first = restored
+        .next(Duration::from_secs(10))
+        .expect("no output from the restored process on its new stdout");
+    assert_eq!(
+        count(&first),
+        last + 1,
+        "the counter must continue from the checkpoint, not restart"
+    );
     assert!(first.ends_with(" 1000000"), "memory lost: {first}");
     assert_eq!(rt.state(&id2)["status"], "running");
     let out = rt.ok(&["exec", &id2, "cat", "/tmp/count"]);
@@ -55,13 +70,27 @@ fn leave_running_keeps_original_and_restores_a_copy_under_new_id() {
     let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", b.dir.to_str().unwrap(), &id]);
     lines.wait_count(3, Duration::from_secs(20));
     let img = b.dir.join("img");
-    rt.ok(&["checkpoint", "--leave-running", "--image-path", img.to_str().unwrap(), &id]);
+    rt.ok(&[
+        "checkpoint",
+        "--leave-running",
+        "--image-path",
+        img.to_str().unwrap(),
+        &id,
+    ]);
     let st = rt.state(&id);
     assert_eq!(st["status"], "running");
     assert_eq!(freezer_state(st["pid"].as_i64().unwrap()), "THAWED");
     let after = lines.wait_count(0, Duration::from_secs(5));
     lines.wait_count(after + 2, Duration::from_secs(10));
-    let copy = rt.spawn_with_pipe(&["restore", "-d", "--bundle", b.dir.to_str().unwrap(), "--image-path", img.to_str().unwrap(), &id2]);
+    let copy = rt.spawn_with_pipe(&[
+        "restore",
+        "-d",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        img.to_str().unwrap(),
+        &id2,
+    ]);
     assert!(copy.next(Duration::from_secs(10)).is_some());
     assert_eq!(rt.state(&id2)["status"], "running");
     assert_ne!(rt.state(&id)["pid"], rt.state(&id2)["pid"]);
@@ -77,7 +106,13 @@ fn paused_container_is_checkpointed_and_stays_paused() {
     lines.wait_count(2, Duration::from_secs(20));
     rt.ok(&["pause", &id]);
     let img = b.dir.join("img");
-    rt.ok(&["checkpoint", "--leave-running", "--image-path", img.to_str().unwrap(), &id]);
+    rt.ok(&[
+        "checkpoint",
+        "--leave-running",
+        "--image-path",
+        img.to_str().unwrap(),
+        &id,
+    ]);
     let st = rt.state(&id);
     assert_eq!(st["status"], "paused");
     assert_eq!(freezer_state(st["pid"].as_i64().unwrap()), "FROZEN");
@@ -102,13 +137,27 @@ fn failed_checkpoints_leave_the_container_running_and_thawed() {
         let n = lines.wait_count(0, Duration::from_secs(5));
         lines.wait_count(n + 1, Duration::from_secs(5));
     };
-    let e = rt.fails(&["checkpoint", "--image-path", img, "--manage-cgroups-mode", "bogus", &id]);
+    let e = rt.fails(&[
+        "checkpoint",
+        "--image-path",
+        img,
+        "--manage-cgroups-mode",
+        "bogus",
+        &id,
+    ]);
     assert!(e.contains("invalid manage-cgroups-mode"), "{e}");
     intact("a bad option");
     let e = rt.fails(&["checkpoint", "--image-path", img, "--pre-dump", &id]);
     assert!(e.contains("soft-dirty"), "{e}");
     intact("pre-dump");
-    let e = rt.fails(&["checkpoint", "--image-path", img, "--rootfs-snapshot", "overlay", &id]);
+    let e = rt.fails(&[
+        "checkpoint",
+        "--image-path",
+        img,
+        "--rootfs-snapshot",
+        "overlay",
+        &id,
+    ]);
     assert!(e.contains("not an overlay"), "{e}");
     intact("--rootfs-snapshot overlay on a directory rootfs");
     // A CRIU failure inside the freeze: an external unix socket CRIU refuses without
@@ -118,16 +167,30 @@ fn failed_checkpoints_leave_the_container_running_and_thawed() {
     let b2 = Bundle::busybox(WORKLOAD);
     let host_file = b2.dir.join("out.txt");
     let f = std::fs::File::create(&host_file).unwrap();
-    let st = rt.cmd().args(["run", "-d", "--bundle", b2.dir.to_str().unwrap(), &id2]).stdout(f).stderr(std::process::Stdio::null()).status().unwrap();
+    let st = rt
+        .cmd()
+        .args(["run", "-d", "--bundle", b2.dir.to_str().unwrap(), &id2])
+        .stdout(f)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
     assert!(st.success());
     std::thread::sleep(Duration::from_millis(500));
-    let e = rt.fails(&["checkpoint", "--image-path", b2.dir.join("img").to_str().unwrap(), &id2]);
+    let e = rt.fails(&[
+        "checkpoint",
+        "--image-path",
+        b2.dir.join("img").to_str().unwrap(),
+        &id2,
+    ]);
     assert!(e.contains("criu failed") && e.contains("dump.log"), "{e}");
     assert!(e.contains("thawed and keeps running"), "{e}");
     let pid2 = rt.state(&id2)["pid"].as_i64().unwrap();
     assert_eq!(rt.state(&id2)["status"], "running");
     assert_eq!(freezer_state(pid2), "THAWED");
-    assert!(!b2.dir.join("img/cryo-manifest.json").exists(), "a failed checkpoint must not look complete");
+    assert!(
+        !b2.dir.join("img/cryo-manifest.json").exists(),
+        "a failed checkpoint must not look complete"
+    );
 }
 
 #[test]
@@ -137,7 +200,15 @@ fn failed_restore_leaves_nothing_behind() {
     let id = unique("rfail");
     let empty = b.dir.join("empty-img");
     std::fs::create_dir_all(&empty).unwrap();
-    let e = rt.fails(&["restore", "-d", "--bundle", b.dir.to_str().unwrap(), "--image-path", empty.to_str().unwrap(), &id]);
+    let e = rt.fails(&[
+        "restore",
+        "-d",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        empty.to_str().unwrap(),
+        &id,
+    ]);
     assert!(e.contains("inventory.img"), "{e}");
     assert!(rt.fails(&["state", &id]).contains("does not exist"));
     assert!(!rt.root.join(&id).exists());

@@ -6,7 +6,11 @@ use std::time::Duration;
 use cryo_tests::runtime::freezer_state;
 use cryo_tests::{unique, Bundle, Runtime};
 
-const COUNTER: &[&str] = &["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo $i; sleep 0.1; done"];
+const COUNTER: &[&str] = &[
+    "sh",
+    "-c",
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo $i; sleep 0.1; done",
+];
 
 #[test]
 fn create_start_exec_ps_pause_resume_kill_delete() {
@@ -43,7 +47,10 @@ fn create_start_exec_ps_pause_resume_kill_delete() {
     rt.ok(&["delete", &id]);
     assert!(rt.fails(&["state", &id]).contains("does not exist"));
     assert!(!rt.root.join(&id).exists(), "state dir left behind");
-    assert!(!std::path::Path::new(&cg).exists(), "cgroup {cg} left behind");
+    assert!(
+        !std::path::Path::new(&cg).exists(),
+        "cgroup {cg} left behind"
+    );
 }
 
 #[test]
@@ -53,7 +60,12 @@ fn run_attached_returns_exit_code_and_detached_runs() {
     let id = unique("run");
     let _g = rt.guard(&id);
     let out = rt.run(&["run", "--bundle", b.dir.to_str().unwrap(), &id]);
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let b2 = Bundle::busybox(&["sleep", "30"]);
     let id2 = unique("rund");
     let _g2 = rt.guard(&id2);
@@ -66,20 +78,33 @@ fn run_attached_returns_exit_code_and_detached_runs() {
 #[test]
 fn bad_inputs_give_clear_errors() {
     let rt = Runtime::cryo();
-    assert!(rt.fails(&["state", "nope"]).contains("container nope does not exist"));
-    assert!(rt.fails(&["delete", "--force", "nope"]).contains("does not exist"));
-    assert!(rt.fails(&["create", "--bundle", "/nonexistent", "x"]).contains("does not exist"));
+    assert!(rt
+        .fails(&["state", "nope"])
+        .contains("container nope does not exist"));
+    assert!(rt
+        .fails(&["delete", "--force", "nope"])
+        .contains("does not exist"));
+    assert!(rt
+        .fails(&["create", "--bundle", "/nonexistent", "x"])
+        .contains("does not exist"));
     let b = Bundle::busybox(&["sleep", "30"]);
     std::fs::write(b.dir.join("config.json"), "{ nope").unwrap();
-    assert!(rt.fails(&["create", "--bundle", b.dir.to_str().unwrap(), "x"]).contains("not a valid OCI runtime spec"));
+    assert!(rt
+        .fails(&["create", "--bundle", b.dir.to_str().unwrap(), "x"])
+        .contains("not a valid OCI runtime spec"));
     let b = Bundle::busybox(&["sleep", "30"]);
     let id = unique("dup");
     let _g = rt.guard(&id);
     rt.spawn_with_pipe(&["create", "--bundle", b.dir.to_str().unwrap(), &id]);
-    assert!(rt.fails(&["create", "--bundle", b.dir.to_str().unwrap(), &id]).contains("already exists"));
+    assert!(rt
+        .fails(&["create", "--bundle", b.dir.to_str().unwrap(), &id])
+        .contains("already exists"));
     rt.ok(&["start", &id]);
     let e = rt.fails(&["start", &id]);
-    assert!(e.contains("cannot start container") && e.contains("running"), "{e}");
+    assert!(
+        e.contains("cannot start container") && e.contains("running"),
+        "{e}"
+    );
     let e = rt.fails(&["delete", &id]);
     assert!(e.contains("--force"), "{e}");
     let e = rt.fails(&["kill", &id, "NOTASIGNAL"]);
@@ -93,7 +118,18 @@ fn client_quirks_are_accepted() {
     let out = rt.run(&["restore", "--lsm-mount-context"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("flag needs an argument"));
     let log = std::env::temp_dir().join(unique("log.json"));
-    let out = rt.cmd().args(["--log", log.to_str().unwrap(), "--log-format", "json", "state", "ghost"]).output().unwrap();
+    let out = rt
+        .cmd()
+        .args([
+            "--log",
+            log.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "state",
+            "ghost",
+        ])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let line = std::fs::read_to_string(&log).unwrap();
     let v: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
@@ -103,10 +139,20 @@ fn client_quirks_are_accepted() {
     // go-runc's single-dash long flag and podman's repeated bool flag parse.
     let out = rt.run(&["checkpoint", "--leave-running", "--leave-running", "ghost"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("ghost does not exist"));
-    let out = rt.run(&["restore", "-no-subreaper", "--detach", "--bundle", "/nonexistent", "ghost"]);
+    let out = rt.run(&[
+        "restore",
+        "-no-subreaper",
+        "--detach",
+        "--bundle",
+        "/nonexistent",
+        "ghost",
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
     let f: serde_json::Value = serde_json::from_str(&rt.ok(&["features"])).unwrap();
-    assert_eq!(f["annotations"]["org.opencontainers.runc.checkpoint.enabled"], "true");
+    assert_eq!(
+        f["annotations"]["org.opencontainers.runc.checkpoint.enabled"],
+        "true"
+    );
     let v = rt.ok(&["--version"]);
     assert!(v.starts_with("cryo version"));
 }

@@ -158,7 +158,11 @@ pub trait CriuClient {
     /// Which of the asked features this machine has.
     fn features(&self, ask: Features) -> Result<Features, CriuError>;
     /// Run a dump, pre-dump or restore request.
-    fn call(&self, call: CriuCall, notify: &mut NotifyHandler<'_>) -> Result<CriuOutcome, CriuError>;
+    fn call(
+        &self,
+        call: CriuCall,
+        notify: &mut NotifyHandler<'_>,
+    ) -> Result<CriuOutcome, CriuError>;
 }
 
 /// The lines of a CRIU log worth showing a user: each line with "Error" plus the lines before it.
@@ -203,9 +207,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cryo-excerpt-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("dump.log");
-        std::fs::write(&log, "a\nb\nc\nd\n(00.1) Error (criu/sk-inet.c:191): inet: Connected TCP socket\ne\n").unwrap();
+        std::fs::write(
+            &log,
+            "a\nb\nc\nd\n(00.1) Error (criu/sk-inet.c:191): inet: Connected TCP socket\ne\n",
+        )
+        .unwrap();
         let e = log_excerpt(&log);
-        assert!(e.contains("Connected TCP socket") && e.contains("  c") && !e.contains("  a"), "{e}");
+        assert!(
+            e.contains("Connected TCP socket") && e.contains("  c") && !e.contains("  a"),
+            "{e}"
+        );
         assert_eq!(log_excerpt(&dir.join("missing")), "");
         std::fs::remove_dir_all(&dir).unwrap();
     }

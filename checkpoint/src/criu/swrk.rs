@@ -346,7 +346,10 @@ fn converse(
         if ty != kind.req_type() {
             return Err(session.broken(
                 "conversation",
-                format!("unexpected {ty:?} answer to a {:?} request", kind.req_type()),
+                format!(
+                    "unexpected {ty:?} answer to a {:?} request",
+                    kind.req_type()
+                ),
             ));
         }
         if let Some(r) = resp.restore.as_ref() {

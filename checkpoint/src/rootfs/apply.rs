@@ -38,7 +38,11 @@ pub struct ApplyReport {
 }
 
 /// Validate, then apply `archive` (`.tar` or `.tar.zst`) onto `target_root`.
-pub fn apply_changeset(archive: &Path, target_root: &Path, policy: &ApplyPolicy) -> Result<ApplyReport, RootfsError> {
+pub fn apply_changeset(
+    archive: &Path,
+    target_root: &Path,
+    policy: &ApplyPolicy,
+) -> Result<ApplyReport, RootfsError> {
     let start = Instant::now();
     let refuse = |entry: &str, reason: String| RootfsError::Refused {
         archive: archive.to_path_buf(),
@@ -52,7 +56,10 @@ pub fn apply_changeset(archive: &Path, target_root: &Path, policy: &ApplyPolicy)
     let entries = ar.entries().map_err(|e| refuse("", e.to_string()))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| refuse("", e.to_string()))?;
-        let path = entry.path().map_err(|e| refuse("", e.to_string()))?.into_owned();
+        let path = entry
+            .path()
+            .map_err(|e| refuse("", e.to_string()))?
+            .into_owned();
         let shown = path.to_string_lossy().into_owned();
         apply_one(&root, &mut entry, &path, &mut report).map_err(|r| refuse(&shown, r))?;
     }
@@ -80,7 +87,11 @@ fn validate(archive: &Path, target: &Path, policy: &ApplyPolicy) -> Result<(), (
         check_parents(&parts, &symlinks, target).map_err(bad)?;
         let ty = entry.header().entry_type();
         match ty {
-            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse | EntryType::Directory | EntryType::Fifo => {}
+            EntryType::Regular
+            | EntryType::Continuous
+            | EntryType::GNUSparse
+            | EntryType::Directory
+            | EntryType::Fifo => {}
             EntryType::Symlink => {
                 symlinks.insert(parts.iter().collect());
             }
@@ -89,8 +100,10 @@ fn validate(archive: &Path, target: &Path, policy: &ApplyPolicy) -> Result<(), (
                     .link_name()
                     .map_err(|e| bad(e.to_string()))?
                     .ok_or_else(|| bad("hardlink without a target".into()))?;
-                let tparts = components(&target_name).map_err(|r| bad(format!("hardlink target: {r}")))?;
-                check_parents(&tparts, &symlinks, target).map_err(|r| bad(format!("hardlink target: {r}")))?;
+                let tparts =
+                    components(&target_name).map_err(|r| bad(format!("hardlink target: {r}")))?;
+                check_parents(&tparts, &symlinks, target)
+                    .map_err(|r| bad(format!("hardlink target: {r}")))?;
             }
             EntryType::Char | EntryType::Block => {
                 if !policy.allowed_devices.iter().any(|d| Path::new(d) == path) {
@@ -110,23 +123,38 @@ fn validate(archive: &Path, target: &Path, policy: &ApplyPolicy) -> Result<(), (
 }
 
 /// No parent may be a symlink made by the archive, nor a symlink already in the target.
-fn check_parents(parts: &[&OsStr], symlinks: &HashSet<PathBuf>, target: &Path) -> Result<(), String> {
+fn check_parents(
+    parts: &[&OsStr],
+    symlinks: &HashSet<PathBuf>,
+    target: &Path,
+) -> Result<(), String> {
     let mut prefix = PathBuf::new();
     for p in &parts[..parts.len() - 1] {
         prefix.push(p);
         if symlinks.contains(&prefix) {
-            return Err(format!("goes through symlink {} created by the archive", prefix.display()));
+            return Err(format!(
+                "goes through symlink {} created by the archive",
+                prefix.display()
+            ));
         }
         if let Ok(md) = std::fs::symlink_metadata(target.join(&prefix)) {
             if md.file_type().is_symlink() {
-                return Err(format!("goes through symlink {} in the target", prefix.display()));
+                return Err(format!(
+                    "goes through symlink {} in the target",
+                    prefix.display()
+                ));
             }
         }
     }
     Ok(())
 }
 
-fn apply_one<R: Read>(root: &OwnedFd, entry: &mut tar::Entry<'_, R>, path: &Path, report: &mut ApplyReport) -> Result<(), String> {
+fn apply_one<R: Read>(
+    root: &OwnedFd,
+    entry: &mut tar::Entry<'_, R>,
+    path: &Path,
+    report: &mut ApplyReport,
+) -> Result<(), String> {
     let parts = components(path)?;
     let (name, parents) = parts.split_last().ok_or("empty path")?;
     let dir = open_dir(root, parents, true)?;
@@ -146,22 +174,26 @@ fn apply_one<R: Read>(root: &OwnedFd, entry: &mut tar::Entry<'_, R>, path: &Path
     let ty = h.entry_type();
     let err = |what: &str, e: nix::errno::Errno| format!("{what}: {e}");
     match ty {
-        EntryType::Directory => {
-            match std::fs::symlink_metadata(fd_path(&dir, name)) {
-                Ok(md) if md.is_dir() => {}
-                Ok(_) => {
-                    remove_any(&dir, name)?;
-                    nix::sys::stat::mkdirat(Some(dir.as_raw_fd()), *name, mode).map_err(|e| err("mkdir", e))?;
-                }
-                Err(_) => nix::sys::stat::mkdirat(Some(dir.as_raw_fd()), *name, mode).map_err(|e| err("mkdir", e))?,
+        EntryType::Directory => match std::fs::symlink_metadata(fd_path(&dir, name)) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                remove_any(&dir, name)?;
+                nix::sys::stat::mkdirat(Some(dir.as_raw_fd()), *name, mode)
+                    .map_err(|e| err("mkdir", e))?;
             }
-        }
+            Err(_) => nix::sys::stat::mkdirat(Some(dir.as_raw_fd()), *name, mode)
+                .map_err(|e| err("mkdir", e))?,
+        },
         EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
             let tmp = OsString::from(format!(".cryo-tmp-{}", name.to_string_lossy()));
             let fd = openat(
                 Some(dir.as_raw_fd()),
                 tmp.as_os_str(),
-                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_TRUNC
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
                 Mode::from_bits_truncate(0o600),
             )
             .map_err(|e| err("create", e))?;
@@ -173,22 +205,40 @@ fn apply_one<R: Read>(root: &OwnedFd, entry: &mut tar::Entry<'_, R>, path: &Path
             if std::fs::symlink_metadata(fd_path(&dir, name)).is_ok_and(|m| m.is_dir()) {
                 remove_any(&dir, name)?;
             }
-            renameat(Some(dir.as_raw_fd()), tmp.as_os_str(), Some(dir.as_raw_fd()), *name)
-                .map_err(|e| err("rename", e))?;
+            renameat(
+                Some(dir.as_raw_fd()),
+                tmp.as_os_str(),
+                Some(dir.as_raw_fd()),
+                *name,
+            )
+            .map_err(|e| err("rename", e))?;
         }
         EntryType::Symlink => {
-            let target = entry.link_name().map_err(|e| e.to_string())?.ok_or("symlink without target")?;
+            let target = entry
+                .link_name()
+                .map_err(|e| e.to_string())?
+                .ok_or("symlink without target")?;
             remove_any(&dir, name)?;
-            symlinkat(target.as_ref(), Some(dir.as_raw_fd()), *name).map_err(|e| err("symlink", e))?;
+            symlinkat(target.as_ref(), Some(dir.as_raw_fd()), *name)
+                .map_err(|e| err("symlink", e))?;
         }
         EntryType::Link => {
-            let target = entry.link_name().map_err(|e| e.to_string())?.ok_or("hardlink without target")?;
+            let target = entry
+                .link_name()
+                .map_err(|e| e.to_string())?
+                .ok_or("hardlink without target")?;
             let tparts = components(&target)?;
             let (tname, tparents) = tparts.split_last().ok_or("empty hardlink target")?;
             let tdir = open_dir(root, tparents, false)?;
             remove_any(&dir, name)?;
-            linkat(Some(tdir.as_raw_fd()), *tname, Some(dir.as_raw_fd()), *name, AtFlags::empty())
-                .map_err(|e| err("link", e))?;
+            linkat(
+                Some(tdir.as_raw_fd()),
+                *tname,
+                Some(dir.as_raw_fd()),
+                *name,
+                AtFlags::empty(),
+            )
+            .map_err(|e| err("link", e))?;
             report.written += 1;
             return Ok(());
         }
@@ -198,34 +248,63 @@ fn apply_one<R: Read>(root: &OwnedFd, entry: &mut tar::Entry<'_, R>, path: &Path
         }
         EntryType::Char | EntryType::Block => {
             remove_any(&dir, name)?;
-            let kind = if ty == EntryType::Char { SFlag::S_IFCHR } else { SFlag::S_IFBLK };
+            let kind = if ty == EntryType::Char {
+                SFlag::S_IFCHR
+            } else {
+                SFlag::S_IFBLK
+            };
             let major = h.device_major().ok().flatten().unwrap_or(0);
             let minor = h.device_minor().ok().flatten().unwrap_or(0);
-            mknodat(Some(dir.as_raw_fd()), *name, kind, mode, nix::sys::stat::makedev(major.into(), minor.into()))
-                .map_err(|e| err("mknod", e))?;
+            mknodat(
+                Some(dir.as_raw_fd()),
+                *name,
+                kind,
+                mode,
+                nix::sys::stat::makedev(major.into(), minor.into()),
+            )
+            .map_err(|e| err("mknod", e))?;
         }
         other => return Err(format!("unsupported entry type {other:?}")),
     }
     let uid = h.uid().unwrap_or(0) as u32;
     let gid = h.gid().unwrap_or(0) as u32;
-    fchownat(Some(dir.as_raw_fd()), *name, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), AtFlags::AT_SYMLINK_NOFOLLOW)
-        .map_err(|e| err("chown", e))?;
+    fchownat(
+        Some(dir.as_raw_fd()),
+        *name,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| err("chown", e))?;
     if ty != EntryType::Symlink {
         // chown clears set-id bits, so the mode goes on after it.
-        fchmodat(Some(dir.as_raw_fd()), *name, mode, FchmodatFlags::FollowSymlink).map_err(|e| err("chmod", e))?;
+        fchmodat(
+            Some(dir.as_raw_fd()),
+            *name,
+            mode,
+            FchmodatFlags::FollowSymlink,
+        )
+        .map_err(|e| err("chmod", e))?;
     }
     if let Ok(Some(exts)) = entry.pax_extensions() {
         for ext in exts.flatten() {
             if let (Ok(k), v) = (ext.key(), ext.value_bytes()) {
                 if let Some(xname) = k.strip_prefix("SCHILY.xattr.") {
-                    xattr::set(fd_path(&dir, name), xname, v).map_err(|e| format!("xattr {xname}: {e}"))?;
+                    xattr::set(fd_path(&dir, name), xname, v)
+                        .map_err(|e| format!("xattr {xname}: {e}"))?;
                 }
             }
         }
     }
     let mtime = TimeSpec::new(h.mtime().unwrap_or(0) as i64, 0);
-    utimensat(Some(dir.as_raw_fd()), *name, &mtime, &mtime, UtimensatFlags::NoFollowSymlink)
-        .map_err(|e| err("utimes", e))?;
+    utimensat(
+        Some(dir.as_raw_fd()),
+        *name,
+        &mtime,
+        &mtime,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| err("utimes", e))?;
     report.written += 1;
     Ok(())
 }
@@ -258,9 +337,14 @@ fn copy_sparse<R: Read>(src: &mut R, dst: &mut std::fs::File) -> std::io::Result
 fn remove_any(dir: &OwnedFd, name: &OsStr) -> Result<(), String> {
     let p = fd_path(dir, name);
     match std::fs::symlink_metadata(&p) {
-        Ok(md) if md.is_dir() => std::fs::remove_dir_all(&p).map_err(|e| format!("remove {}: {e}", name.to_string_lossy())),
-        Ok(_) => nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, nix::unistd::UnlinkatFlags::NoRemoveDir)
-            .map_err(|e| format!("unlink {}: {e}", name.to_string_lossy())),
+        Ok(md) if md.is_dir() => std::fs::remove_dir_all(&p)
+            .map_err(|e| format!("remove {}: {e}", name.to_string_lossy())),
+        Ok(_) => nix::unistd::unlinkat(
+            Some(dir.as_raw_fd()),
+            name,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        )
+        .map_err(|e| format!("unlink {}: {e}", name.to_string_lossy())),
         Err(_) => Ok(()),
     }
 }
@@ -273,4 +357,3 @@ fn clear_children(dir: &OwnedFd) -> Result<(), String> {
     }
     Ok(())
 }
-

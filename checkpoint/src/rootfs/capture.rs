@@ -45,7 +45,11 @@ struct Walker<W: Write> {
 }
 
 /// Capture an overlay upper dir into an uncompressed tar at `out`.
-pub fn capture_upper(upper: &Path, out: &Path, opts: &CaptureOptions) -> Result<CaptureReport, RootfsError> {
+pub fn capture_upper(
+    upper: &Path,
+    out: &Path,
+    opts: &CaptureOptions,
+) -> Result<CaptureReport, RootfsError> {
     let start = Instant::now();
     let file = File::create(out).map_err(io_err("create", out))?;
     let mut w = Walker {
@@ -130,7 +134,9 @@ impl<W: Write> Walker<W> {
                 // fifo, char or block device
                 h.set_size(0);
                 if ft.is_char_device() || ft.is_block_device() {
-                    self.report.device_nodes.push(rel.to_string_lossy().into_owned());
+                    self.report
+                        .device_nodes
+                        .push(rel.to_string_lossy().into_owned());
                 }
                 self.tar
                     .append_data(&mut h, &rel, std::io::empty())
@@ -173,7 +179,13 @@ impl<W: Write> Walker<W> {
             .map_err(io_err("write xattrs", host))
     }
 
-    fn regular(&mut self, host: &Path, rel: &Path, mut h: Header, md: &fs::Metadata) -> Result<(), RootfsError> {
+    fn regular(
+        &mut self,
+        host: &Path,
+        rel: &Path,
+        mut h: Header,
+        md: &fs::Metadata,
+    ) -> Result<(), RootfsError> {
         let mut f = File::open(host).map_err(io_err("open", host))?;
         let sparse = md.blocks() * 512 < md.size() && rel.as_os_str().len() < 100;
         if sparse {
@@ -182,11 +194,21 @@ impl<W: Write> Walker<W> {
         }
         self.report.bytes += md.size();
         h.set_size(md.size());
-        self.tar.append_data(&mut h, rel, f).map_err(io_err("write", host))
+        self.tar
+            .append_data(&mut h, rel, f)
+            .map_err(io_err("write", host))
     }
 
     /// An old-GNU sparse entry ('S'): 4 map entries in the header, 21 per extension block.
-    fn sparse(&mut self, f: &mut File, rel: &Path, mut h: Header, real: u64, ext: &[(u64, u64)], host: &Path) -> Result<(), RootfsError> {
+    fn sparse(
+        &mut self,
+        f: &mut File,
+        rel: &Path,
+        mut h: Header,
+        real: u64,
+        ext: &[(u64, u64)],
+        host: &Path,
+    ) -> Result<(), RootfsError> {
         let data: u64 = ext.iter().map(|e| e.1).sum();
         self.report.bytes += data;
         h.set_entry_type(EntryType::GNUSparse);
@@ -204,7 +226,11 @@ impl<W: Write> Walker<W> {
         }
         h.set_cksum();
         let w = self.tar.get_mut();
-        let wr = |e| RootfsError::Io { step: "write", path: host.to_path_buf(), source: e };
+        let wr = |e| RootfsError::Io {
+            step: "write",
+            path: host.to_path_buf(),
+            source: e,
+        };
         w.write_all(h.as_bytes()).map_err(wr)?;
         for (ci, chunk) in chunks.iter().enumerate() {
             let mut x = GnuExtSparseHeader::new();
@@ -264,8 +290,10 @@ fn is_opaque(dir: &Path) -> bool {
 pub fn compress_zstd(raw: &Path, out: &Path, level: i32, threads: u32) -> Result<u64, RootfsError> {
     let mut input = File::open(raw).map_err(io_err("open", raw))?;
     let output = File::create(out).map_err(io_err("create", out))?;
-    let mut enc = zstd::stream::Encoder::new(BufWriter::new(output), level).map_err(io_err("zstd", out))?;
-    enc.multithread(threads).map_err(io_err("zstd threads", out))?;
+    let mut enc =
+        zstd::stream::Encoder::new(BufWriter::new(output), level).map_err(io_err("zstd", out))?;
+    enc.multithread(threads)
+        .map_err(io_err("zstd threads", out))?;
     std::io::copy(&mut input, &mut enc).map_err(io_err("compress", raw))?;
     let w = enc.finish().map_err(io_err("compress", out))?;
     let f = w.into_inner().map_err(|e| RootfsError::Io {

@@ -193,7 +193,13 @@ mod tests {
                 work_dir: "/w".into(),
             }
         );
-        assert!(matches!(classify(&m, Path::new("/srv/rootfs")), RootfsKind::Directory { .. }));
-        assert!(matches!(classify(&m, Path::new("/mnt/bind")), RootfsKind::Other { .. }));
+        assert!(matches!(
+            classify(&m, Path::new("/srv/rootfs")),
+            RootfsKind::Directory { .. }
+        ));
+        assert!(matches!(
+            classify(&m, Path::new("/mnt/bind")),
+            RootfsKind::Other { .. }
+        ));
     }
 }

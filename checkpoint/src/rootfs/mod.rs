@@ -19,7 +19,9 @@ mod safe;
 mod verify;
 
 pub use apply::{apply_changeset, ApplyPolicy, ApplyReport};
-pub use capture::{capture_dir, capture_upper, compress_zstd, open_changeset, CaptureOptions, CaptureReport};
+pub use capture::{
+    capture_dir, capture_upper, compress_zstd, open_changeset, CaptureOptions, CaptureReport,
+};
 pub use detect::{detect_rootfs, parse_mountinfo, MountInfo, RootfsKind};
 pub use verify::{collect_open_files, verify_open_files, OpenFile};
 
@@ -62,7 +64,10 @@ pub enum RootfsError {
     Mismatch(String),
 }
 
-pub(crate) fn io_err(step: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> RootfsError {
+pub(crate) fn io_err(
+    step: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> RootfsError {
     let path = path.into();
     move |source| RootfsError::Io { step, path, source }
 }

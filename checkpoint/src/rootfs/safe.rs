@@ -18,9 +18,7 @@ pub fn components(path: &Path) -> Result<Vec<&OsStr>, String> {
             Component::Normal(n) => out.push(n),
             Component::CurDir => {}
             Component::ParentDir => return Err("path contains '..'".into()),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err("absolute path".into())
-            }
+            Component::RootDir | Component::Prefix(_) => return Err("absolute path".into()),
         }
     }
     if out.is_empty() {
@@ -38,8 +36,12 @@ pub fn open_dir(root: &OwnedFd, parts: &[&OsStr], create: bool) -> Result<OwnedF
         let next = match openat(Some(cur.as_raw_fd()), *part, flags, Mode::empty()) {
             Ok(fd) => fd,
             Err(nix::errno::Errno::ENOENT) if create => {
-                mkdirat(Some(cur.as_raw_fd()), *part, Mode::from_bits_truncate(0o755))
-                    .map_err(|e| format!("mkdir {}: {e}", show(&parts[..=i])))?;
+                mkdirat(
+                    Some(cur.as_raw_fd()),
+                    *part,
+                    Mode::from_bits_truncate(0o755),
+                )
+                .map_err(|e| format!("mkdir {}: {e}", show(&parts[..=i])))?;
                 openat(Some(cur.as_raw_fd()), *part, flags, Mode::empty())
                     .map_err(|e| format!("open {}: {e}", show(&parts[..=i])))?
             }

@@ -22,9 +22,13 @@ pub struct OpenFile {
 pub fn collect_open_files(pids: &[i32], rootfs_host: &Path) -> Result<Vec<OpenFile>, RootfsError> {
     let mut out: Vec<OpenFile> = Vec::new();
     for pid in pids {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
-            let Ok(link) = std::fs::read_link(fd.path()) else { continue };
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
             let text = link.to_string_lossy();
             let (text, deleted) = match text.strip_suffix(" (deleted)") {
                 Some(t) => (t.to_string(), true),
@@ -34,7 +38,9 @@ pub fn collect_open_files(pids: &[i32], rootfs_host: &Path) -> Result<Vec<OpenFi
             if !text.starts_with('/') {
                 continue;
             }
-            let Ok(md) = std::fs::metadata(fd.path()) else { continue };
+            let Ok(md) = std::fs::metadata(fd.path()) else {
+                continue;
+            };
             if !md.is_file() {
                 continue;
             }
@@ -43,7 +49,11 @@ pub fn collect_open_files(pids: &[i32], rootfs_host: &Path) -> Result<Vec<OpenFi
                 .map(|p| format!("/{}", p.display()))
                 .unwrap_or(text);
             if !out.iter().any(|f| f.path == path) {
-                out.push(OpenFile { path, size: md.len(), deleted });
+                out.push(OpenFile {
+                    path,
+                    size: md.len(),
+                    deleted,
+                });
             }
         }
     }

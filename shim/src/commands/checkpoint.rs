@@ -35,7 +35,10 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     let snapshot: SnapshotMode = a.rootfs_snapshot.parse().map_err(anyhow::Error::msg)?;
     let _lock = ctx.store.lock(id)?;
     let mut container = load_for(ctx, id, Verb::Checkpoint)?;
-    let pid = container.pid().context("the container has no init pid")?.as_raw();
+    let pid = container
+        .pid()
+        .context("the container has no init pid")?
+        .as_raw();
     let bundle = container.bundle().clone();
     let spec = cryo_oci::load_spec(&bundle)?;
     let record = ctx.store.load(id)?;
@@ -48,7 +51,10 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         .unwrap_or_else(|| cryo_checkpoint::descriptors::read_stdio(pid));
     let image_dir = image_dir(a.image_path.as_deref())?;
     let work_dir = match &a.work_path {
-        Some(w) => image_dir.parent().map(|_| w.clone()).unwrap_or_else(|| w.clone()),
+        Some(w) => image_dir
+            .parent()
+            .map(|_| w.clone())
+            .unwrap_or_else(|| w.clone()),
         None => image_dir.clone(),
     };
     let cgroup = ContainerCgroup::for_pid(pid)?;

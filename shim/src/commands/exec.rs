@@ -21,14 +21,27 @@ pub fn exec(ctx: &Context, a: &ExecArgs) -> anyhow::Result<i32> {
     let env: HashMap<String, String> = a
         .env
         .iter()
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
         .collect();
     let (user, group) = match &a.user {
         Some(u) => {
             let (uid, gid) = u.split_once(':').unwrap_or((u.as_str(), ""));
             (
-                Some(uid.parse().with_context(|| format!("--user {u:?}: use uid[:gid]"))?),
-                if gid.is_empty() { None } else { Some(gid.parse().with_context(|| format!("--user {u:?}: use uid[:gid]"))?) },
+                Some(
+                    uid.parse()
+                        .with_context(|| format!("--user {u:?}: use uid[:gid]"))?,
+                ),
+                if gid.is_empty() {
+                    None
+                } else {
+                    Some(
+                        gid.parse()
+                            .with_context(|| format!("--user {u:?}: use uid[:gid]"))?,
+                    )
+                },
             )
         }
         None => (None, None),

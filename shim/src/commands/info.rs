@@ -54,7 +54,10 @@ pub fn list(ctx: &Context, a: &ListArgs) -> anyhow::Result<i32> {
     } else if a.format == "json" {
         println!("{}", serde_json::to_string(&rows)?);
     } else if a.format == "table" {
-        println!("{:<20} {:<8} {:<10} {:<40} {:<32} OWNER", "ID", "PID", "STATUS", "BUNDLE", "CREATED");
+        println!(
+            "{:<20} {:<8} {:<10} {:<40} {:<32} OWNER",
+            "ID", "PID", "STATUS", "BUNDLE", "CREATED"
+        );
         for r in &rows {
             println!(
                 "{:<20} {:<8} {:<10} {:<40} {:<32} root",
@@ -71,8 +74,12 @@ pub fn list(ctx: &Context, a: &ListArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn manager(c: &libcontainer::container::Container) -> anyhow::Result<libcgroups::common::AnyCgroupManager> {
-    let cfg = c.spec().context("cannot read the container's saved config")?;
+fn manager(
+    c: &libcontainer::container::Container,
+) -> anyhow::Result<libcgroups::common::AnyCgroupManager> {
+    let cfg = c
+        .spec()
+        .context("cannot read the container's saved config")?;
     Ok(create_cgroup_manager(CgroupConfig {
         cgroup_path: cfg.cgroup_path,
         systemd_cgroup: false,
@@ -83,7 +90,11 @@ fn manager(c: &libcontainer::container::Container) -> anyhow::Result<libcgroups:
 /// `ps`
 pub fn ps(ctx: &Context, a: &PsArgs) -> anyhow::Result<i32> {
     let c = load_for(ctx, &a.container_id, Verb::Ps)?;
-    let pids: Vec<i32> = manager(&c)?.get_all_pids()?.into_iter().map(|p| p.as_raw()).collect();
+    let pids: Vec<i32> = manager(&c)?
+        .get_all_pids()?
+        .into_iter()
+        .map(|p| p.as_raw())
+        .collect();
     match a.format.as_str() {
         "json" => println!("{}", serde_json::to_string(&pids)?),
         "table" => {
@@ -103,7 +114,8 @@ pub fn ps(ctx: &Context, a: &PsArgs) -> anyhow::Result<i32> {
 /// `events`
 pub fn events(ctx: &Context, a: &EventsArgs) -> anyhow::Result<i32> {
     let mut c = load_for(ctx, &a.container_id, Verb::Events)?;
-    c.events(a.interval, a.stats).context("cannot read container events")?;
+    c.events(a.interval, a.stats)
+        .context("cannot read container events")?;
     Ok(0)
 }
 
@@ -114,12 +126,14 @@ pub fn update(ctx: &Context, a: &UpdateArgs) -> anyhow::Result<i32> {
     let mut res: LinuxResources = match &a.resources {
         Some(p) if p == Path::new("-") => serde_json::from_reader(std::io::stdin())
             .context("--resources -: stdin is not a JSON LinuxResources object")?,
-        Some(p) => serde_json::from_slice(&std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)
-            .with_context(|| format!("{} is not a JSON LinuxResources object", p.display()))?,
+        Some(p) => serde_json::from_slice(
+            &std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+        )
+        .with_context(|| format!("{} is not a JSON LinuxResources object", p.display()))?,
         None => LinuxResources::default(),
     };
     if let Some(m) = a.memory {
-        let mut mem = res.memory().clone().unwrap_or_default();
+        let mut mem = (*res.memory()).unwrap_or_default();
         mem.set_limit(Some(m));
         res.set_memory(Some(mem));
     }
@@ -129,7 +143,7 @@ pub fn update(ctx: &Context, a: &UpdateArgs) -> anyhow::Result<i32> {
         res.set_cpu(Some(cpu));
     }
     if let Some(p) = a.pids_limit {
-        let mut pids = res.pids().clone().unwrap_or_default();
+        let mut pids = (*res.pids()).unwrap_or_default();
         pids.set_limit(p);
         res.set_pids(Some(pids));
     }
@@ -173,6 +187,7 @@ pub fn spec(a: &SpecArgs) -> anyhow::Result<i32> {
         bail!("File {} exists. Remove it first", path.display());
     }
     let spec = Spec::default();
-    spec.save(&path).with_context(|| format!("cannot write {}", path.display()))?;
+    spec.save(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(0)
 }

@@ -9,18 +9,27 @@ use super::{load_container, load_for, wait_forwarding};
 use crate::cli::{CreateArgs, DeleteArgs, KillArgs, RunArgs};
 use crate::context::Context;
 
-fn build(ctx: &Context, a: &CreateArgs, detach: bool) -> anyhow::Result<libcontainer::container::Container> {
+fn build(
+    ctx: &Context,
+    a: &CreateArgs,
+    detach: bool,
+) -> anyhow::Result<libcontainer::container::Container> {
     let id = &a.container_id;
     let bundle = Bundle::load(&a.bundle)?;
     let rootfs = bundle.rootfs()?;
     if !rootfs.is_dir() {
-        bail!("root filesystem {} does not exist: set root.path in {}/config.json", rootfs.display(), bundle.dir.display());
+        bail!(
+            "root filesystem {} does not exist: set root.path in {}/config.json",
+            rootfs.display(),
+            bundle.dir.display()
+        );
     }
     let _lock = ctx.store.lock(id)?;
     if ctx.store.exists(id) {
         bail!("container with id {id} already exists: pick another id or `cryo delete {id}`");
     }
-    std::fs::create_dir_all(&ctx.root).with_context(|| format!("cannot create root {}", ctx.root.display()))?;
+    std::fs::create_dir_all(&ctx.root)
+        .with_context(|| format!("cannot create root {}", ctx.root.display()))?;
     let container = ContainerBuilder::new(id.clone(), SyscallType::default())
         .with_root_path(&ctx.root)?
         .with_pid_file(a.pid_file.as_ref())?
@@ -33,7 +42,12 @@ fn build(ctx: &Context, a: &CreateArgs, detach: bool) -> anyhow::Result<libconta
         .build()
         .with_context(|| format!("cannot create container {id}"))?;
     let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
-    let terminal = bundle.spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+    let terminal = bundle
+        .spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
     ctx.store.save(&ContainerRecord {
         id: id.clone(),
         bundle: bundle.dir.clone(),
@@ -56,7 +70,8 @@ pub fn create(ctx: &Context, a: &CreateArgs) -> anyhow::Result<i32> {
 pub fn start(ctx: &Context, id: &str) -> anyhow::Result<i32> {
     let _lock = ctx.store.lock(id)?;
     let mut c = load_for(ctx, id, Verb::Start)?;
-    c.start().with_context(|| format!("cannot start container {id}"))?;
+    c.start()
+        .with_context(|| format!("cannot start container {id}"))?;
     Ok(0)
 }
 
@@ -66,7 +81,8 @@ pub fn run(ctx: &Context, a: &RunArgs) -> anyhow::Result<i32> {
     let id = &a.create.container_id;
     {
         let _lock = ctx.store.lock(id)?;
-        c.start().with_context(|| format!("cannot start container {id}"))?;
+        c.start()
+            .with_context(|| format!("cannot start container {id}"))?;
     }
     if a.detach {
         return Ok(0);
@@ -86,9 +102,14 @@ pub fn kill(ctx: &Context, a: &KillArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
     let _lock = ctx.store.lock(id)?;
     let mut c = load_for(ctx, id, Verb::Kill)?;
-    let sig = libcontainer::signal::Signal::try_from(a.signal.as_str())
-        .map_err(|_| anyhow::anyhow!("invalid signal {:?}: use a number (9), a name (KILL) or SIGKILL", a.signal))?;
-    c.kill(sig, a.all).with_context(|| format!("cannot signal container {id}"))?;
+    let sig = libcontainer::signal::Signal::try_from(a.signal.as_str()).map_err(|_| {
+        anyhow::anyhow!(
+            "invalid signal {:?}: use a number (9), a name (KILL) or SIGKILL",
+            a.signal
+        )
+    })?;
+    c.kill(sig, a.all)
+        .with_context(|| format!("cannot signal container {id}"))?;
     Ok(0)
 }
 
@@ -96,9 +117,14 @@ pub fn kill(ctx: &Context, a: &KillArgs) -> anyhow::Result<i32> {
 pub fn delete(ctx: &Context, a: &DeleteArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
     let _lock = ctx.store.lock(id)?;
-    let verb = if a.force { Verb::ForceDelete } else { Verb::Delete };
+    let verb = if a.force {
+        Verb::ForceDelete
+    } else {
+        Verb::Delete
+    };
     let mut c = load_for(ctx, id, verb)?;
-    c.delete(a.force).with_context(|| format!("cannot delete container {id}"))?;
+    c.delete(a.force)
+        .with_context(|| format!("cannot delete container {id}"))?;
     ctx.store.remove_lock_file(id);
     Ok(0)
 }
@@ -107,7 +133,8 @@ pub fn delete(ctx: &Context, a: &DeleteArgs) -> anyhow::Result<i32> {
 pub fn pause(ctx: &Context, id: &str) -> anyhow::Result<i32> {
     let _lock = ctx.store.lock(id)?;
     let mut c = load_for(ctx, id, Verb::Pause)?;
-    c.pause().with_context(|| format!("cannot pause container {id}"))?;
+    c.pause()
+        .with_context(|| format!("cannot pause container {id}"))?;
     Ok(0)
 }
 
@@ -115,6 +142,7 @@ pub fn pause(ctx: &Context, id: &str) -> anyhow::Result<i32> {
 pub fn resume(ctx: &Context, id: &str) -> anyhow::Result<i32> {
     let _lock = ctx.store.lock(id)?;
     let mut c = load_for(ctx, id, Verb::Resume)?;
-    c.resume().with_context(|| format!("cannot resume container {id}"))?;
+    c.resume()
+        .with_context(|| format!("cannot resume container {id}"))?;
     Ok(0)
 }

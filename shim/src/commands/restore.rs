@@ -8,7 +8,9 @@ use cryo_checkpoint::criu::swrk::SwrkClient;
 use cryo_checkpoint::flags::CommonFlags;
 use cryo_checkpoint::restore::{self, RestoreFlags, RestoreHost, RestoreRequest};
 use cryo_oci::{Bundle, ContainerRecord};
-use libcgroups::common::{create_cgroup_manager, AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt};
+use libcgroups::common::{
+    create_cgroup_manager, AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt,
+};
 use libcontainer::config::YoukiConfig;
 use libcontainer::container::{Container, ContainerStatus, State};
 use nix::unistd::Pid;
@@ -76,7 +78,13 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
             return Err(e.into());
         }
     };
-    let mut container = Container::new(id, ContainerStatus::Running, Some(report.pid), &bundle.dir, &container_dir)?;
+    let mut container = Container::new(
+        id,
+        ContainerStatus::Running,
+        Some(report.pid),
+        &bundle.dir,
+        &container_dir,
+    )?;
     container.state.created = Some(chrono::Utc::now());
     container.save()?;
     youki_cfg.save(&container_dir)?;
@@ -85,13 +93,21 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         bundle: bundle.dir.clone(),
         rootfs: req.rootfs.clone(),
         stdio: report.stdio.clone(),
-        terminal: bundle.spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false),
+        terminal: bundle
+            .spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false),
         created: chrono::Utc::now(),
         restored_from: Some(image_dir),
     })?;
     crate::logging::log(
         "debug",
-        &format!("restored {id} as pid {} in {:.1} ms ({})", report.pid, report.restore_ms, report.rootfs_note),
+        &format!(
+            "restored {id} as pid {} in {:.1} ms ({})",
+            report.pid, report.restore_ms, report.rootfs_note
+        ),
     );
     if a.detach {
         return Ok(0);
@@ -118,7 +134,14 @@ struct Host {
 
 impl Host {
     fn new(id: &str, spec: &Spec, bundle: &std::path::Path, cgroup_path: PathBuf) -> Self {
-        Self { id: id.to_string(), spec: spec.clone(), bundle: bundle.to_path_buf(), cgroup_path, manager: None, original: Vec::new() }
+        Self {
+            id: id.to_string(),
+            spec: spec.clone(),
+            bundle: bundle.to_path_buf(),
+            cgroup_path,
+            manager: None,
+            original: Vec::new(),
+        }
     }
 }
 
@@ -149,11 +172,23 @@ impl RestoreHost for Host {
             container_name: self.id.clone(),
         })
         .map_err(|e| e.to_string())?;
-        manager.add_task(Pid::this()).map_err(|e| format!("joining {}: {e}", self.cgroup_path.display()))?;
-        let default = LinuxResources::default();
-        let resources = self.spec.linux().as_ref().and_then(|l| l.resources().as_ref()).unwrap_or(&default);
         manager
-            .apply(&ControllerOpt { resources, disable_oom_killer: false, oom_score_adj: None, freezer_state: None })
+            .add_task(Pid::this())
+            .map_err(|e| format!("joining {}: {e}", self.cgroup_path.display()))?;
+        let default = LinuxResources::default();
+        let resources = self
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .unwrap_or(&default);
+        manager
+            .apply(&ControllerOpt {
+                resources,
+                disable_oom_killer: false,
+                oom_score_adj: None,
+                freezer_state: None,
+            })
             .map_err(|e| format!("applying resources: {e}"))?;
         self.manager = Some(manager);
         // CRIU puts the restored tasks below the cgroups it runs in: name them per controller.
@@ -167,16 +202,34 @@ impl RestoreHost for Host {
     fn leave_cgroup(&mut self) {
         let me = std::process::id().to_string();
         for (mount, path) in &self.original {
-            let _ = std::fs::write(mount.join(path.trim_start_matches('/')).join("cgroup.procs"), &me);
+            let _ = std::fs::write(
+                mount
+                    .join(path.trim_start_matches('/'))
+                    .join("cgroup.procs"),
+                &me,
+            );
         }
     }
 
     fn run_hooks(&mut self, pid: i32) -> Result<(), String> {
-        let Some(hooks) = self.spec.hooks().as_ref() else { return Ok(()) };
-        let state = State::new(&self.id, ContainerStatus::Created, Some(pid), self.bundle.clone());
+        let Some(hooks) = self.spec.hooks().as_ref() else {
+            return Ok(());
+        };
+        let state = State::new(
+            &self.id,
+            ContainerStatus::Created,
+            Some(pid),
+            self.bundle.clone(),
+        );
         for list in [hooks.prestart(), hooks.create_runtime()] {
-            libcontainer::hooks::run_hooks(list.as_ref(), Some(&state), Some(&self.bundle), Some(Pid::from_raw(pid)), None)
-                .map_err(|e| format!("hook failed: {e}"))?;
+            libcontainer::hooks::run_hooks(
+                list.as_ref(),
+                Some(&state),
+                Some(&self.bundle),
+                Some(Pid::from_raw(pid)),
+                None,
+            )
+            .map_err(|e| format!("hook failed: {e}"))?;
         }
         Ok(())
     }
