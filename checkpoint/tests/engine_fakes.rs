@@ -1,5 +1,6 @@
 //! The checkpoint engine against a fake CRIU and a fake freezer: every failure thaws, a paused
 //! container stays paused, success writes the manifest last.
+#![allow(clippy::unwrap_used)]
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,5 @@
 //! Hostile or corrupt changesets are refused before anything is written.
+#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 
