@@ -156,3 +156,34 @@ fn client_quirks_are_accepted() {
     let v = rt.ok(&["--version"]);
     assert!(v.starts_with("cryo version"));
 }
+
+#[test]
+fn events_stats_and_update_resources() {
+    let rt = Runtime::cryo();
+    let b = Bundle::busybox(&["sleep", "60"]);
+    let id = unique("upd");
+    let _g = rt.guard(&id);
+    let _out = rt.spawn_with_pipe(&["run", "-d", "--bundle", b.dir.to_str().unwrap(), &id]);
+    let res = b.dir.join("res.json");
+    std::fs::write(
+        &res,
+        r#"{"memory": {"limit": 104857600}, "pids": {"limit": 77}}"#,
+    )
+    .unwrap();
+    rt.ok(&["update", "--resources", res.to_str().unwrap(), &id]);
+    let pid = rt.state(&id)["pid"].as_i64().unwrap();
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let pids_path = cg
+        .lines()
+        .find_map(|l| l.split_once(":pids:").map(|(_, p)| p.to_string()))
+        .unwrap();
+    let max = std::fs::read_to_string(format!("/sys/fs/cgroup/pids{pids_path}/pids.max")).unwrap();
+    assert_eq!(max.trim(), "77");
+    rt.ok(&["update", "--pids-limit", "88", &id]);
+    let max = std::fs::read_to_string(format!("/sys/fs/cgroup/pids{pids_path}/pids.max")).unwrap();
+    assert_eq!(max.trim(), "88");
+    let ev = rt.ok(&["events", "--stats", &id]);
+    assert!(ev.contains("pids") || ev.contains("memory"), "{ev}");
+    let e = rt.fails(&["update", "--resources", "/nonexistent.json", &id]);
+    assert!(e.contains("cannot read"), "{e}");
+}
