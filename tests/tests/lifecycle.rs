@@ -187,3 +187,68 @@ fn events_stats_and_update_resources() {
     let e = rt.fails(&["update", "--resources", "/nonexistent.json", &id]);
     assert!(e.contains("cannot read"), "{e}");
 }
+
+/// Receive the pty master a runtime sends to `--console-socket` (SCM_RIGHTS).
+fn receive_pty(listener: std::os::unix::net::UnixListener) -> std::fs::File {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let (conn, _) = listener.accept().unwrap();
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    for c in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            // SAFETY: SCM_RIGHTS just installed this fd for us.
+            return unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        }
+    }
+    panic!("no fd received on the console socket");
+}
+
+#[test]
+fn terminal_via_console_socket_and_exec_process_file() {
+    let rt = Runtime::cryo();
+    let b = Bundle::busybox(&["sh", "-c", "echo hello-tty; tty; sleep 30"]);
+    b.write_config(&["sh", "-c", "echo hello-tty; tty; sleep 30"], |v| {
+        v["process"]["terminal"] = true.into()
+    });
+    let id = unique("tty");
+    let _g = rt.guard(&id);
+    let sock = b.dir.join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let receiver = std::thread::spawn(move || receive_pty(listener));
+    rt.ok(&[
+        "create",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--console-socket",
+        sock.to_str().unwrap(),
+        &id,
+    ]);
+    let mut pty = receiver.join().unwrap();
+    rt.ok(&["start", &id]);
+    let mut seen = String::new();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 512];
+    while std::time::Instant::now() < end
+        && !(seen.contains("hello-tty") && seen.contains("/dev/pts/"))
+    {
+        let n = std::io::Read::read(&mut pty, &mut buf).unwrap();
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(
+        seen.contains("hello-tty") && seen.contains("/dev/pts/"),
+        "terminal output: {seen:?}"
+    );
+    let process = b.dir.join("process.json");
+    std::fs::write(&process, r#"{"terminal": false, "cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh", "-c", "echo from-process-file"], "env": ["PATH=/bin"]}"#).unwrap();
+    let out = rt.ok(&["exec", "--process", process.to_str().unwrap(), &id]);
+    assert_eq!(out.trim(), "from-process-file");
+}
