@@ -42,6 +42,9 @@ fn build(
         .build()
         .with_context(|| format!("cannot create container {id}"))?;
     let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
+    if owns_new_netns(&bundle.spec) {
+        loopback_up(pid)?;
+    }
     let terminal = bundle
         .spec
         .process()
@@ -145,4 +148,34 @@ pub fn resume(ctx: &Context, id: &str) -> anyhow::Result<i32> {
     c.resume()
         .with_context(|| format!("cannot resume container {id}"))?;
     Ok(0)
+}
+
+/// The spec asks for a fresh network namespace (no path): the runtime sets it up.
+pub(crate) fn owns_new_netns(spec: &oci_spec::runtime::Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| {
+            ns.iter().any(|n| {
+                n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
+            })
+        })
+}
+
+/// runc brings `lo` up in a network namespace it creates; libcontainer does not, and a
+/// container talking to itself over 127.0.0.1 (and its checkpoints with
+/// `--tcp-established`) depends on it.
+pub(crate) fn loopback_up(pid: i32) -> anyhow::Result<()> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["ip", "link", "set", "lo", "up"])
+        .output()
+        .context("cannot run nsenter/ip to bring up the container's loopback (install util-linux and iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "cannot bring up lo in the container's network namespace: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }

@@ -212,6 +212,11 @@ impl RestoreHost for Host {
     }
 
     fn run_hooks(&mut self, pid: i32) -> Result<(), String> {
+        // CRIU made a fresh, empty network namespace (runc's empty_ns): give it the loopback
+        // a created container has, before CRIU reconnects TCP sockets over it.
+        if super::lifecycle::owns_new_netns(&self.spec) {
+            super::lifecycle::loopback_up(pid).map_err(|e| format!("{e:#}"))?;
+        }
         let Some(hooks) = self.spec.hooks().as_ref() else {
             return Ok(());
         };
