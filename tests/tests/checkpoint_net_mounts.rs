@@ -8,7 +8,8 @@ use cryo_tests::{unique, Bundle, Runtime};
 
 /// A server and a client inside the container, connected over 127.0.0.1; the client sends a
 /// counter, the container prints the last number the server received.
-const TCP: &str = "mkfifo /tmp/f; sleep 100000 > /tmp/f & nc -l -p 5000 < /tmp/f > /tmp/recv & sleep 0.5; \
+const TCP: &str =
+    "mkfifo /tmp/f; sleep 100000 > /tmp/f & nc -l -p 5000 < /tmp/f > /tmp/recv & sleep 0.5; \
     i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done | nc 127.0.0.1 5000 & \
     while true; do tail -n1 /tmp/recv; sleep 0.2; done";
 
@@ -22,12 +23,32 @@ fn established_tcp_connection_survives_checkpoint_and_restore() {
     lines.wait_count(5, Duration::from_secs(20));
     let img = b.dir.join("img");
     let e = rt.fails(&["checkpoint", "--image-path", img.to_str().unwrap(), &id]);
-    assert!(e.contains("tcp-established"), "CRIU's advice must reach the user: {e}");
+    assert!(
+        e.contains("tcp-established"),
+        "CRIU's advice must reach the user: {e}"
+    );
     assert_eq!(rt.state(&id)["status"], "running");
-    rt.ok(&["checkpoint", "--tcp-established", "--image-path", img.to_str().unwrap(), &id]);
-    let at_ckpt = lines.drain(Duration::from_secs(3)).last().map(|l| l.trim().parse::<u64>().unwrap()).unwrap_or(5);
+    rt.ok(&[
+        "checkpoint",
+        "--tcp-established",
+        "--image-path",
+        img.to_str().unwrap(),
+        &id,
+    ]);
+    let at_ckpt = lines
+        .drain(Duration::from_secs(3))
+        .last()
+        .map(|l| l.trim().parse::<u64>().unwrap())
+        .unwrap_or(5);
     let restored = rt.spawn_with_pipe(&[
-        "restore", "--tcp-established", "-d", "--bundle", b.dir.to_str().unwrap(), "--image-path", img.to_str().unwrap(), &id2,
+        "restore",
+        "--tcp-established",
+        "-d",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        img.to_str().unwrap(),
+        &id2,
     ]);
     // The server keeps receiving on the restored connection: numbers grow past the checkpoint.
     let n = restored.wait_count(at_ckpt + 5, Duration::from_secs(15));
@@ -60,13 +81,31 @@ fn bind_mount_source_is_remapped_at_restore() {
     let img = b.dir.join("img");
     rt.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), &id]);
     let manifest = std::fs::read_to_string(img.join("cryo-manifest.json")).unwrap();
-    assert!(manifest.contains("\"/data\""), "bind mount not handed to CRIU as external");
+    assert!(
+        manifest.contains("\"/data\""),
+        "bind mount not handed to CRIU as external"
+    );
     b.write_config(&["sh", "-c", script], with_source(&src2));
-    let restored = rt.spawn_with_pipe(&["restore", "-d", "--bundle", b.dir.to_str().unwrap(), "--image-path", img.to_str().unwrap(), &id2]);
+    let restored = rt.spawn_with_pipe(&[
+        "restore",
+        "-d",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        img.to_str().unwrap(),
+        &id2,
+    ]);
     let n = restored.wait_count(0, Duration::from_secs(10));
     restored.wait_count(n + 2, Duration::from_secs(10));
-    let written: u64 = std::fs::read_to_string(src2.join("count")).unwrap().trim().parse().unwrap();
-    assert!(written >= n, "the restored process must write into the new bind source");
+    let written: u64 = std::fs::read_to_string(src2.join("count"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        written >= n,
+        "the restored process must write into the new bind source"
+    );
     let _ = std::fs::remove_dir_all(&src1);
     let _ = std::fs::remove_dir_all(&src2);
 }
