@@ -109,3 +109,24 @@ fn bind_mount_source_is_remapped_at_restore() {
     let _ = std::fs::remove_dir_all(&src1);
     let _ = std::fs::remove_dir_all(&src2);
 }
+
+/// Docker users can only set CRIU options through a config file: the `org.criu.config`
+/// annotation (or /etc/criu/runc.conf) must reach CRIU, as with runc.
+#[test]
+fn criu_config_annotation_is_honoured() {
+    let rt = Runtime::cryo();
+    let b = Bundle::busybox(&["sh", "-c", TCP]);
+    let conf = b.dir.join("criu.conf");
+    std::fs::write(&conf, "tcp-established\n").unwrap();
+    let path = conf.to_str().unwrap().to_string();
+    b.write_config(&["sh", "-c", TCP], move |v| {
+        v["annotations"] = serde_json::json!({"org.criu.config": path});
+    });
+    let id = unique("conf");
+    let _g = rt.guard(&id);
+    let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", b.dir.to_str().unwrap(), &id]);
+    lines.wait_count(5, Duration::from_secs(20));
+    let img = b.dir.join("img");
+    rt.ok(&["checkpoint", "--leave-running", "--image-path", img.to_str().unwrap(), &id]);
+    assert_eq!(rt.state(&id)["status"], "running");
+}
