@@ -15,6 +15,9 @@ use crate::plan::{dump_plan, DumpPlan, PlanError};
 use crate::rootfs::{self, RootfsKind};
 use crate::{descriptors, facts};
 
+/// Snapshot of a /dev/shm the client bind-mounts from the host (docker does), in the image dir.
+pub const DEVSHM_FILE: &str = "devshm.tar";
+
 /// Oldest CRIU this kernel works with (3.17 and 4.1 fail on Linux ≥ 6.16).
 pub const MIN_CRIU: u32 = 40200;
 
@@ -156,6 +159,7 @@ pub fn checkpoint(
     let t_capture = Instant::now();
     let mut rootfs_record = rootfs_record(&rootfs_kind, req.snapshot);
     let mut open_files = Vec::new();
+    let mut devshm = None;
     if !req.flags.pre_dump {
         if let Some(RootfsKind::Overlay { upper_dir, .. }) = &rootfs_kind {
             let raw = req.image_dir.join(rootfs::RAW_CHANGESET);
@@ -165,6 +169,11 @@ pub fn checkpoint(
             rootfs_record.device_nodes = report.device_nodes.clone();
             rootfs_record.entries = report.entries;
             rootfs_record.bytes = report.bytes;
+        }
+        if let Some(src) = facts::host_devshm(&req.spec) {
+            rootfs::capture_dir(&src, &req.image_dir.join(DEVSHM_FILE))
+                .map_err(|e| fail_frozen("capturing /dev/shm", e.to_string(), None))?;
+            devshm = Some(DEVSHM_FILE.to_string());
         }
         let pids = facts::cgroup_pids(freezer.path());
         open_files = rootfs::collect_open_files(&pids, &req.rootfs)
@@ -275,7 +284,7 @@ pub fn checkpoint(
         external_mounts: plan.ext_mounts.clone(),
         external_namespaces: plan.externals.clone(),
         rootfs: rootfs_record,
-        devshm: None,
+        devshm,
         open_files,
         timings,
     };

@@ -93,3 +93,20 @@ pub fn host_cgroup_mounts() -> Vec<PathBuf> {
         .filter(|p| p.starts_with("/sys/fs/cgroup/"))
         .collect()
 }
+
+/// The host directory bind-mounted at /dev/shm, if the spec has one (docker's
+/// `/var/lib/docker/containers/<id>/mounts/shm`). CRIU treats it as external and does not
+/// dump its contents, so cryo snapshots it.
+pub fn host_devshm(spec: &Spec) -> Option<PathBuf> {
+    spec.mounts().iter().flatten().find_map(|m| {
+        let bind = m.typ().as_deref() == Some("bind")
+            || m.options()
+                .iter()
+                .flatten()
+                .any(|o| o == "bind" || o == "rbind");
+        (bind && m.destination() == Path::new("/dev/shm"))
+            .then(|| m.source().clone())
+            .flatten()
+            .filter(|p| p.is_dir())
+    })
+}

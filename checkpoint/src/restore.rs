@@ -147,6 +147,7 @@ pub fn restore(
 
     let (rootfs_applied, rootfs_note) = restore_rootfs(req, manifest.as_ref())
         .map_err(|e| fail("restoring the root filesystem", e))?;
+    restore_devshm(req, manifest.as_ref()).map_err(|e| fail("restoring /dev/shm", e))?;
 
     let criu_root = req.scratch_dir.join("criu-root");
     let facts = RestoreFacts {
@@ -288,6 +289,32 @@ fn restore_rootfs(
     rootfs::apply_changeset(&req.image_dir.join(snapshot), &req.rootfs, &policy)
         .map_err(|e| e.to_string())?;
     check(true, "rootfs snapshot applied".into())
+}
+
+/// Refill the new container's host-mounted /dev/shm from the image, unless it is the same
+/// directory that was captured (restore in place).
+fn restore_devshm(req: &RestoreRequest, manifest: Option<&Manifest>) -> Result<(), String> {
+    let Some(file) = manifest.and_then(|m| m.devshm.as_ref()) else {
+        return Ok(());
+    };
+    let Some(target) = facts::host_devshm(&req.spec) else {
+        return Err(format!(
+            "the checkpoint holds a /dev/shm snapshot ({file}) but the new spec bind-mounts no host directory at /dev/shm"
+        ));
+    };
+    let has_entries = std::fs::read_dir(&target)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if has_entries {
+        return Ok(()); // the same (or an already filled) shm: keep what is there
+    }
+    rootfs::apply_changeset(
+        &req.image_dir.join(file),
+        &target,
+        &rootfs::ApplyPolicy::default(),
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 fn fill_opts(

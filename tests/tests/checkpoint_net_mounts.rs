@@ -127,6 +127,12 @@ fn criu_config_annotation_is_honoured() {
     let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", b.dir.to_str().unwrap(), &id]);
     lines.wait_count(5, Duration::from_secs(20));
     let img = b.dir.join("img");
-    rt.ok(&["checkpoint", "--leave-running", "--image-path", img.to_str().unwrap(), &id]);
+    rt.ok(&[
+        "checkpoint",
+        "--leave-running",
+        "--image-path",
+        img.to_str().unwrap(),
+        &id,
+    ]);
     assert_eq!(rt.state(&id)["status"], "running");
 }

@@ -92,3 +92,104 @@ fn overlay_changes_are_restored_into_a_fresh_overlay() {
     rt.ok(&["resume", &id2]);
     let _ = std::fs::remove_dir_all(&lower);
 }
+
+/// docker bind-mounts /dev/shm from a host directory: its contents travel with the checkpoint.
+#[test]
+fn host_mounted_dev_shm_is_restored_into_the_new_container() {
+    let rt = Runtime::cryo();
+    let script = "echo shared-state > /dev/shm/data; i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done";
+    let b = Bundle::busybox(&["sh", "-c", script]);
+    let shm1 = b.dir.join("shm1");
+    let shm2 = b.dir.join("shm2");
+    std::fs::create_dir_all(&shm1).unwrap();
+    std::fs::create_dir_all(&shm2).unwrap();
+    let with_shm = |src: &std::path::Path| {
+        let src = src.to_str().unwrap().to_string();
+        move |v: &mut serde_json::Value| {
+            let mounts = v["mounts"].as_array_mut().unwrap();
+            mounts.retain(|m| m["destination"] != "/dev/shm");
+            mounts.push(serde_json::json!({"destination": "/dev/shm", "type": "bind", "source": src, "options": ["rbind", "rw"]}));
+        }
+    };
+    b.write_config(&["sh", "-c", script], with_shm(&shm1));
+    let (id, id2) = (unique("shm"), unique("shm-r"));
+    let (_g, _g2) = (rt.guard(&id), rt.guard(&id2));
+    let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", b.dir.to_str().unwrap(), &id]);
+    lines.wait_count(3, Duration::from_secs(20));
+    let img = b.dir.join("img");
+    rt.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), &id]);
+    assert!(img.join("devshm.tar").exists());
+    b.write_config(&["sh", "-c", script], with_shm(&shm2));
+    let restored = rt.spawn_with_pipe(&[
+        "restore",
+        "-d",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        img.to_str().unwrap(),
+        &id2,
+    ]);
+    restored.wait_count(1, Duration::from_secs(10));
+    assert_eq!(
+        std::fs::read_to_string(shm2.join("data")).unwrap(),
+        "shared-state\n"
+    );
+    assert_eq!(
+        rt.ok(&["exec", &id2, "cat", "/dev/shm/data"]),
+        "shared-state\n"
+    );
+}
+
+/// Restoring into the very upper dir that was captured applies nothing.
+#[test]
+fn restore_in_place_applies_nothing() {
+    let rt = Runtime::cryo();
+    let lower = std::env::temp_dir().join(unique("cryo-lower"));
+    busybox_rootfs(&lower);
+    let script = "echo v1 > /root/f; i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done";
+    let a = Bundle::overlay(&lower, &["sh", "-c", script]);
+    let id = unique("inplace");
+    let _g = rt.guard(&id);
+    let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", a.dir.to_str().unwrap(), &id]);
+    lines.wait_count(3, Duration::from_secs(20));
+    let img = a.dir.join("img");
+    rt.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), &id]);
+    // A change made after the checkpoint stays: nothing is re-applied over the same upper dir.
+    std::fs::write(a.rootfs().join("root/f"), "v2 after the checkpoint\n").unwrap();
+    let out = rt
+        .cmd()
+        .args([
+            "--debug",
+            "restore",
+            "-d",
+            "--bundle",
+            a.dir.to_str().unwrap(),
+            "--image-path",
+            img.to_str().unwrap(),
+            &id,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = String::new();
+    let mut stderr = out.stderr.unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 4096];
+    while !err.contains("restored ") && std::time::Instant::now() < end {
+        let n = std::io::Read::read(&mut stderr, &mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        err.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(err.contains("restoring in place"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(a.rootfs().join("root/f")).unwrap(),
+        "v2 after the checkpoint\n",
+        "the snapshot (v1) must not be re-applied over the same upper dir"
+    );
+    assert_eq!(rt.state(&id)["status"], "running");
+    let _ = std::fs::remove_dir_all(&lower);
+}
