@@ -156,7 +156,7 @@ fn restore_in_place_applies_nothing() {
     rt.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), &id]);
     // A change made after the checkpoint stays: nothing is re-applied over the same upper dir.
     std::fs::write(a.rootfs().join("root/f"), "v2 after the checkpoint\n").unwrap();
-    let out = rt
+    let mut child = rt
         .cmd()
         .args([
             "--debug",
@@ -174,7 +174,7 @@ fn restore_in_place_applies_nothing() {
         .spawn()
         .unwrap();
     let mut err = String::new();
-    let mut stderr = out.stderr.unwrap();
+    let mut stderr = child.stderr.take().unwrap();
     let end = std::time::Instant::now() + Duration::from_secs(15);
     let mut buf = [0u8; 4096];
     while !err.contains("restored ") && std::time::Instant::now() < end {
@@ -184,6 +184,7 @@ fn restore_in_place_applies_nothing() {
         }
         err.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
+    assert!(child.wait().unwrap().success(), "{err}");
     assert!(err.contains("restoring in place"), "{err}");
     assert_eq!(
         std::fs::read_to_string(a.rootfs().join("root/f")).unwrap(),
