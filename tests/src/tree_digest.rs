@@ -45,7 +45,7 @@ fn walk(root: &Path, dir: &Path, skip: &[&str], out: &mut BTreeMap<String, Strin
                 md.nlink()
             )
         };
-        let xattrs: Vec<String> = list_user_xattrs(&p);
+        let xattrs: Vec<String> = list_xattrs(&p);
         out.insert(
             rel,
             format!(
@@ -61,19 +61,18 @@ fn walk(root: &Path, dir: &Path, skip: &[&str], out: &mut BTreeMap<String, Strin
     }
 }
 
-fn list_user_xattrs(p: &Path) -> Vec<String> {
+fn list_xattrs(p: &Path) -> Vec<String> {
+    // Every namespace but overlay's own bookkeeping (trusted.overlay.*).
     let out = std::process::Command::new("getfattr")
-        .args(["-h", "-d", "-m", "^user\\."])
+        .args(["-h", "-d", "-e", "hex", "-m", "-"])
         .arg(p)
-        .output();
-    match out {
-        Ok(o) => String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter(|l| l.starts_with("user."))
-            .map(str::to_string)
-            .collect(),
-        Err(_) => Vec::new(),
-    }
+        .output()
+        .expect("getfattr is missing: run scripts/setup (installs attr)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains('=') && !l.starts_with("trusted.overlay."))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Human-readable differences.

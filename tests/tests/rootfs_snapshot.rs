@@ -30,6 +30,25 @@ fn overlay_changes_are_restored_into_a_fresh_overlay() {
         .status()
         .unwrap();
     assert!(st.success(), "setfattr failed");
+    // File capabilities (security.capability, v2: cap_net_bind_service permitted+effective).
+    let st = std::process::Command::new("setfattr")
+        .args([
+            "-n",
+            "security.capability",
+            "-v",
+            "0x0100000200040000000000000000000000000000",
+        ])
+        .arg(a.rootfs().join("bin/busybox"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "setfattr security.capability failed");
+    // A device node made on the host side (the container has no CAP_MKNOD).
+    let st = std::process::Command::new("mknod")
+        .arg(a.rootfs().join("root/null"))
+        .args(["c", "1", "3"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mknod failed");
     let img = a.dir.join("img");
     rt.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), &id]);
     assert!(

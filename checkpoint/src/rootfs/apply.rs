@@ -61,7 +61,11 @@ pub fn apply_changeset(
             .map_err(|e| refuse("", e.to_string()))?
             .into_owned();
         let shown = path.to_string_lossy().into_owned();
-        apply_one(&root, &mut entry, &path, &mut report).map_err(|r| refuse(&shown, r))?;
+        apply_one(&root, &mut entry, &path, &mut report).map_err(|reason| RootfsError::Apply {
+            archive: archive.to_path_buf(),
+            entry: shown.clone(),
+            reason,
+        })?;
     }
     report.elapsed = start.elapsed();
     Ok(report)

@@ -134,6 +134,12 @@ impl<W: Write> Walker<W> {
                 // fifo, char or block device
                 h.set_size(0);
                 if ft.is_char_device() || ft.is_block_device() {
+                    // The tar crate fills device numbers only for ustar headers: set them.
+                    let rdev = md.rdev();
+                    h.set_device_major(libc::major(rdev))
+                        .map_err(io_err("device", &host))?;
+                    h.set_device_minor(libc::minor(rdev))
+                        .map_err(io_err("device", &host))?;
                     self.report
                         .device_nodes
                         .push(rel.to_string_lossy().into_owned());

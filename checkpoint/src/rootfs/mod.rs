@@ -59,6 +59,16 @@ pub enum RootfsError {
         /// Why.
         reason: String,
     },
+    /// Applying a validated changeset failed midway (the target is partly updated).
+    #[error("applying rootfs changeset {archive} failed at entry {entry:?}: {reason}")]
+    Apply {
+        /// The archive.
+        archive: PathBuf,
+        /// The entry.
+        entry: String,
+        /// Why.
+        reason: String,
+    },
     /// A file a process holds open does not match.
     #[error("{0}")]
     Mismatch(String),
