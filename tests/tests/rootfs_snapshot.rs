@@ -213,3 +213,44 @@ fn restore_in_place_applies_nothing() {
     assert_eq!(rt.state(&id)["status"], "running");
     let _ = std::fs::remove_dir_all(&lower);
 }
+
+/// Without the snapshot a fresh rootfs lacks the file the process holds open: cryo says which,
+/// before CRIU fails on it, and leaves nothing behind.
+#[test]
+fn missing_open_file_is_named_before_criu_runs() {
+    let rt = Runtime::cryo();
+    let lower = std::env::temp_dir().join(unique("cryo-lower"));
+    busybox_rootfs(&lower);
+    let script = "exec 3>>/root/app.log; i=0; while true; do i=$((i+1)); echo $i >&3; echo $i; sleep 0.1; done";
+    let a = Bundle::overlay(&lower, &["sh", "-c", script]);
+    let (id, id2) = (unique("openf"), unique("openf-r"));
+    let (_g, _g2) = (rt.guard(&id), rt.guard(&id2));
+    let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", a.dir.to_str().unwrap(), &id]);
+    lines.wait_count(3, Duration::from_secs(20));
+    let img = a.dir.join("img");
+    rt.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), &id]);
+    let b = Bundle::overlay(&lower, &["sh", "-c", script]);
+    let e = rt.fails(&[
+        "restore",
+        "-d",
+        "--no-rootfs-restore",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        img.to_str().unwrap(),
+        &id2,
+    ]);
+    assert!(e.contains("/root/app.log") && e.contains("missing"), "{e}");
+    assert!(rt.fails(&["state", &id2]).contains("does not exist"));
+    let _ok = rt.spawn_with_pipe(&[
+        "restore",
+        "-d",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        img.to_str().unwrap(),
+        &id2,
+    ]);
+    assert_eq!(rt.state(&id2)["status"], "running");
+    let _ = std::fs::remove_dir_all(&lower);
+}
