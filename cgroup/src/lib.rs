@@ -2,55 +2,25 @@
 //!
 //! cryo freezes the container itself, polling fast, instead of letting CRIU poll the v1
 //! freezer in 100 ms steps: a checkpoint's freeze window is what timer-sensitive services feel.
+//!
+//! - [`discovery`]: which cgroups a container is in ([`ContainerCgroup`],
+//!   [`v1_controller_paths`], [`cgroup_setup`]).
+//! - [`freezer`]: freezing and thawing a v1 or v2 cgroup ([`Freezer`], [`FreezeGuard`]).
+//!
+//! This is a library only: no CLI or async runtime dependencies.
 
 pub mod discovery;
+mod error;
 pub mod freezer;
+mod guard;
+pub mod mountinfo;
 
-pub use discovery::{parse_proc_cgroup, ContainerCgroup, FreezerPath, ProcCgroupLine};
+pub use discovery::{
+    cgroup_setup, parse_proc_cgroup, v1_controller_paths, ContainerCgroup, FreezerPath,
+    ProcCgroupLine, Setup,
+};
+pub use error::CgroupError;
 pub use freezer::{
     freezer_for, FreezeGuard, FreezeStats, Freezer, FreezerState, V1Freezer, V2Freezer,
 };
-
-use std::path::PathBuf;
-use std::time::Duration;
-
-/// What went wrong with a cgroup, naming the path and the step.
-#[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
-    /// Writing a control file failed.
-    #[error("cannot write {value:?} to {path}: {source}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The value.
-        value: String,
-        /// OS error.
-        source: std::io::Error,
-    },
-    /// Reading a control file failed.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// OS error.
-        source: std::io::Error,
-    },
-    /// The freeze did not complete in time; the cgroup was thawed again.
-    #[error("freezing {path} did not finish within {timeout:?} (state stayed {state}); the cgroup was thawed again. A task in uninterruptible sleep (D state, e.g. on NFS or FUSE) blocks the freezer: check `ps -o pid,stat,wchan` of the container's processes")]
-    FreezeTimeout {
-        /// The cgroup.
-        path: PathBuf,
-        /// The timeout.
-        timeout: Duration,
-        /// The last state read.
-        state: String,
-    },
-    /// No freezer cgroup for a process.
-    #[error("process {pid} has no {what} cgroup (is the container running?)")]
-    NotFound {
-        /// The pid.
-        pid: i32,
-        /// What was looked for.
-        what: String,
-    },
-}
+pub use mountinfo::{parse_mountinfo, MountInfoEntry};
