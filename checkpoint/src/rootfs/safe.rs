@@ -1,88 +1,295 @@
-//! Walking a target root without ever leaving it: every parent directory is opened relative to
-//! the previous one with O_NOFOLLOW|O_DIRECTORY, so a symlink anywhere in a parent path stops
-//! the walk instead of redirecting writes outside the root.
+//! Paths that never leave a root directory.
+//!
+//! Archive paths are split into plain components (no `/` prefix, no `..`, no NUL). Directories
+//! below the root are opened one component at a time with `openat(O_NOFOLLOW|O_DIRECTORY)`
+//! from a descriptor of the root, so the kernel never follows a symlink for us. A symlink met
+//! on the way is resolved here, the way the container sees it (an absolute target starts
+//! again at the root), and refused when its `..` components climb above the root. Leaf
+//! entries are then made with `*at()` calls relative to the parent's descriptor.
 
-use std::ffi::OsStr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Component, Path, PathBuf};
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 
-use nix::fcntl::{openat, OFlag};
-use nix::sys::stat::{mkdirat, Mode};
+use nix::errno::Errno;
+use nix::fcntl::{openat, readlinkat, OFlag};
+use nix::sys::stat::{fstatat, mkdirat, FileStat, Mode, SFlag};
+use nix::unistd::{unlinkat, UnlinkatFlags};
 
-/// Split a relative archive path into its normal components, refusing `..`, absolute paths
-/// and anything else odd.
-pub fn components(path: &Path) -> Result<Vec<&OsStr>, String> {
+/// Linux's own limit on symlinks followed in one lookup.
+const MAX_SYMLINK_HOPS: u32 = 40;
+
+/// Flags for every directory we walk through.
+pub(crate) fn dir_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
+
+/// Split a raw archive path into its components, refusing anything that could name a place
+/// outside the root or confuse the walk.
+pub(crate) fn archive_components(raw: &[u8]) -> Result<Vec<OsString>, String> {
+    if raw.contains(&0) {
+        return Err("NUL byte in path".into());
+    }
+    if raw.first() == Some(&b'/') {
+        return Err("absolute path".into());
+    }
     let mut out = Vec::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir => {}
-            Component::ParentDir => return Err("path contains '..'".into()),
-            Component::RootDir | Component::Prefix(_) => return Err("absolute path".into()),
+    for part in raw.split(|b| *b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => return Err("path contains a '..' component".into()),
+            p => out.push(OsString::from_vec(p.to_vec())),
         }
     }
     if out.is_empty() {
-        return Err("empty path".into());
+        return Err("empty path (the root itself)".into());
     }
     Ok(out)
 }
 
-/// Open a directory under `root` by walking `parts` with O_NOFOLLOW; with `create`, missing
-/// directories are made (mode 0755; the archive's own dir entry fixes the mode later).
-pub fn open_dir(root: &OwnedFd, parts: &[&OsStr], create: bool) -> Result<OwnedFd, String> {
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let mut cur = root.try_clone().map_err(|e| e.to_string())?;
-    for (i, part) in parts.iter().enumerate() {
-        let next = match openat(Some(cur.as_raw_fd()), *part, flags, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(nix::errno::Errno::ENOENT) if create => {
-                mkdirat(
-                    Some(cur.as_raw_fd()),
-                    *part,
-                    Mode::from_bits_truncate(0o755),
-                )
-                .map_err(|e| format!("mkdir {}: {e}", show(&parts[..=i])))?;
-                openat(Some(cur.as_raw_fd()), *part, flags, Mode::empty())
-                    .map_err(|e| format!("open {}: {e}", show(&parts[..=i])))?
-            }
-            Err(nix::errno::Errno::ELOOP) | Err(nix::errno::Errno::ENOTDIR) => {
-                return Err(format!(
-                    "{} is a symlink or not a directory: refusing to write through it",
-                    show(&parts[..=i])
-                ))
-            }
-            Err(e) => return Err(format!("open {}: {e}", show(&parts[..=i]))),
-        };
-        // SAFETY: openat returned a fresh descriptor that we now own.
-        cur = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(next) };
+/// `a/b/c` for messages and map keys.
+pub(crate) fn show(parts: &[OsString]) -> String {
+    String::from_utf8_lossy(&key(parts)).into_owned()
+}
+
+/// The exact bytes `a/b/c` of a component list.
+pub(crate) fn key(parts: &[OsString]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(b'/');
+        }
+        out.extend_from_slice(p.as_bytes());
     }
-    Ok(cur)
+    out
 }
 
-/// Open the root itself.
-pub fn open_root(root: &Path) -> Result<OwnedFd, String> {
-    let fd = nix::fcntl::open(
-        root,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| format!("open {}: {e}", root.display()))?;
-    // SAFETY: open returned a fresh descriptor that we now own.
-    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+/// Take ownership of a descriptor nix just returned.
+pub(crate) fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: every caller passes a descriptor freshly returned by a successful open call,
+    // which nothing else owns or closes.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-/// A path usable with path-based APIs that stays inside an already opened directory:
-/// `/proc/self/fd/<dirfd>/<name>` (the magic link pins the directory we walked to).
-pub fn fd_path(dir: &impl AsFd, name: &OsStr) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}", dir.as_fd().as_raw_fd())).join(name)
+/// Open the target root itself (the caller chose this path; it may be a symlink).
+pub(crate) fn open_root(root: &Path) -> std::io::Result<OwnedFd> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::open(root, flags, Mode::empty())?;
+    Ok(owned(fd))
 }
 
-fn show(parts: &[&OsStr]) -> String {
-    parts
-        .iter()
-        .map(|p| p.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join("/")
+/// `lstat` of `name` in `dir`; `None` when it does not exist.
+pub(crate) fn lstat_at(dir: &OwnedFd, name: &OsStr) -> Result<Option<FileStat>, Errno> {
+    match fstatat(
+        Some(dir.as_raw_fd()),
+        name,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Ok(st) => Ok(Some(st)),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The file type bits of a stat.
+pub(crate) fn kind(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
+}
+
+/// Open directory `parts` below `root`. Symlinks on the way are followed inside the root (an
+/// absolute target restarts at the root); one whose `..` leaves the root is an error. With
+/// `create`, missing directories are made (0755; an archive entry sets the real mode later),
+/// otherwise a missing one gives `Ok(None)`.
+pub(crate) fn open_dir_in_root(
+    root: &OwnedFd,
+    parts: &[OsString],
+    create: bool,
+) -> Result<Option<OwnedFd>, String> {
+    let mut w = InRoot::new(root)?;
+    for p in parts {
+        if !w.step(p, create)? {
+            return Ok(None);
+        }
+    }
+    w.into_dir().map(Some)
+}
+
+/// A directory reached from the root, with every directory on the way held open (a `..` in
+/// a symlink target goes back to the real parent, and never above the root).
+pub(crate) struct InRoot {
+    stack: Vec<OwnedFd>,
+    /// Where we are, as the container names it, for messages.
+    shown: PathBuf,
+}
+
+impl InRoot {
+    /// Start at the root.
+    pub(crate) fn new(root: &OwnedFd) -> Result<Self, String> {
+        let root = root.try_clone().map_err(|e| format!("dup: {e}"))?;
+        Ok(InRoot {
+            stack: vec![root],
+            shown: PathBuf::from("/"),
+        })
+    }
+
+    /// The directory we are in.
+    pub(crate) fn dir(&self) -> Result<&OwnedFd, String> {
+        self.stack
+            .last()
+            .ok_or_else(|| "empty directory stack".to_string())
+    }
+
+    /// End the walk, keeping the directory we are in.
+    pub(crate) fn into_dir(mut self) -> Result<OwnedFd, String> {
+        self.stack
+            .pop()
+            .ok_or_else(|| "empty directory stack".to_string())
+    }
+
+    /// Enter `name` only if it is a real directory (no symlink followed); false otherwise.
+    pub(crate) fn enter_real_dir(&mut self, name: &OsStr) -> Result<bool, String> {
+        let cur = self.dir()?.as_raw_fd();
+        match openat(Some(cur), name, dir_flags(), Mode::empty()) {
+            Ok(fd) => {
+                self.stack.push(owned(fd));
+                self.shown.push(name);
+                Ok(true)
+            }
+            Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => Ok(false),
+            Err(e) => Err(format!("open {}: {e}", self.shown.join(name).display())),
+        }
+    }
+
+    /// Walk into `name`, following a symlink there inside the root. With `create`, a missing
+    /// directory is made; without, a missing one returns false (the walk is then unusable).
+    pub(crate) fn step(&mut self, name: &OsStr, create: bool) -> Result<bool, String> {
+        let mut pending: VecDeque<OsString> = VecDeque::from([name.to_os_string()]);
+        let mut hops = 0;
+        while let Some(name) = pending.pop_front() {
+            if name.as_bytes() == b"." || name.is_empty() {
+                continue;
+            }
+            if name.as_bytes() == b".." {
+                if self.stack.len() == 1 {
+                    return Err(format!(
+                        "a symlink leads outside the root (above {})",
+                        self.shown.display()
+                    ));
+                }
+                self.stack.pop();
+                self.shown.pop();
+                continue;
+            }
+            let cur = self.dir()?.as_raw_fd();
+            let here = self.shown.join(&name);
+            match openat(Some(cur), name.as_os_str(), dir_flags(), Mode::empty()) {
+                Ok(fd) => {
+                    self.stack.push(owned(fd));
+                    self.shown = here;
+                }
+                Err(Errno::ENOENT) if create => {
+                    let mode = Mode::from_bits_truncate(0o755);
+                    match mkdirat(Some(cur), name.as_os_str(), mode) {
+                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Err(e) => return Err(format!("mkdir {}: {e}", here.display())),
+                    }
+                    let fd = openat(Some(cur), name.as_os_str(), dir_flags(), Mode::empty())
+                        .map_err(|e| format!("open {}: {e}", here.display()))?;
+                    self.stack.push(owned(fd));
+                    self.shown = here;
+                }
+                Err(Errno::ENOENT) => return Ok(false),
+                Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
+                    let at = nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW;
+                    let st = fstatat(Some(cur), name.as_os_str(), at)
+                        .map_err(|e| format!("stat {}: {e}", here.display()))?;
+                    if kind(&st) != SFlag::S_IFLNK {
+                        return Err(format!("{} is not a directory", here.display()));
+                    }
+                    hops += 1;
+                    if hops > MAX_SYMLINK_HOPS {
+                        return Err(format!("too many levels of symlinks at {}", here.display()));
+                    }
+                    let target = readlinkat(Some(cur), name.as_os_str())
+                        .map_err(|e| format!("readlink {}: {e}", here.display()))?;
+                    let target = target.as_bytes();
+                    if target.first() == Some(&b'/') {
+                        // The container sees an absolute target from its own root.
+                        self.stack.truncate(1);
+                        self.shown = PathBuf::from("/");
+                    }
+                    let spliced = target
+                        .split(|b| *b == b'/')
+                        .filter(|p| !p.is_empty())
+                        .map(|p| OsString::from_vec(p.to_vec()));
+                    for p in spliced.rev() {
+                        pending.push_front(p);
+                    }
+                }
+                Err(e) => return Err(format!("open {}: {e}", here.display())),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Remove `name` in `dir` whatever it is (a directory with all it holds), never following a
+/// symlink. Returns whether something was there.
+pub(crate) fn remove_any(dir: &OwnedFd, name: &OsStr) -> Result<bool, String> {
+    let Some(st) = lstat_at(dir, name).map_err(|e| format!("stat {}: {e}", lossy(name)))? else {
+        return Ok(false);
+    };
+    if kind(&st) == SFlag::S_IFDIR {
+        let sub = openat(Some(dir.as_raw_fd()), name, dir_flags(), Mode::empty())
+            .map_err(|e| format!("open {}: {e}", lossy(name)))?;
+        clear_dir(&owned(sub)).map_err(|e| format!("{}/{e}", lossy(name)))?;
+        unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::RemoveDir)
+            .map_err(|e| format!("rmdir {}: {e}", lossy(name)))?;
+    } else {
+        unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)
+            .map_err(|e| format!("unlink {}: {e}", lossy(name)))?;
+    }
+    Ok(true)
+}
+
+/// Remove every entry of `dir`; returns how many top-level entries went.
+pub(crate) fn clear_dir(dir: &OwnedFd) -> Result<u64, String> {
+    let mut removed = 0;
+    for name in list_dir(dir)? {
+        if remove_any(dir, &name)? {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Names in `dir` (without `.` and `..`), listed before anything is changed in it.
+pub(crate) fn list_dir(dir: &OwnedFd) -> Result<Vec<OsString>, String> {
+    // A fresh open description of the same directory, so the listing starts at offset 0.
+    let fd = openat(Some(dir.as_raw_fd()), ".", dir_flags(), Mode::empty())
+        .map_err(|e| format!("open: {e}"))?;
+    let mut d = nix::dir::Dir::from(owned(fd)).map_err(|e| format!("opendir: {e}"))?;
+    let mut names = Vec::new();
+    for e in d.iter() {
+        let e = e.map_err(|e| format!("readdir: {e}"))?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(OsString::from_vec(n.to_vec()));
+        }
+    }
+    Ok(names)
+}
+
+/// A path usable with path-only APIs (lsetxattr) that names `name` inside the directory we
+/// hold: the `/proc/self/fd/N` magic link pins the directory, and the leaf is not followed.
+pub(crate) fn fd_path(dir: &OwnedFd, name: &OsStr) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name)
+}
+
+fn lossy(name: &OsStr) -> String {
+    name.to_string_lossy().into_owned()
 }
 
 #[cfg(test)]
@@ -90,23 +297,70 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn refuses_parent_and_absolute() {
-        assert!(components(Path::new("a/../b")).is_err());
-        assert!(components(Path::new("/etc/passwd")).is_err());
-        assert_eq!(components(Path::new("./a/b")).unwrap().len(), 2);
+    fn parts(s: &str) -> Vec<OsString> {
+        archive_components(s.as_bytes()).unwrap()
     }
 
     #[test]
-    fn walk_stops_at_symlinks() {
-        let d = std::env::temp_dir().join(format!("cryo-safe-{}", std::process::id()));
-        std::fs::create_dir_all(d.join("real")).unwrap();
-        let _ = std::fs::remove_file(d.join("link"));
-        std::os::unix::fs::symlink("/etc", d.join("link")).unwrap();
-        let root = open_root(&d).unwrap();
-        assert!(open_dir(&root, &[OsStr::new("real")], false).is_ok());
-        let e = open_dir(&root, &[OsStr::new("link")], true).unwrap_err();
-        assert!(e.contains("symlink"), "{e}");
-        std::fs::remove_dir_all(&d).unwrap();
+    fn archive_paths_are_normalised_or_refused() {
+        assert_eq!(parts("./a//b/"), vec![OsString::from("a"), "b".into()]);
+        assert!(archive_components(b"/etc/passwd")
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(archive_components(b"a/../b").unwrap_err().contains(".."));
+        assert!(archive_components(b"a\0b").unwrap_err().contains("NUL"));
+        assert!(archive_components(b"./").unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn walk_follows_symlinks_inside_the_root_only() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::fs::create_dir_all(t.path().join("outside")).unwrap();
+        std::os::unix::fs::symlink("/usr/lib", root.join("lib")).unwrap();
+        std::os::unix::fs::symlink("usr/../usr", root.join("rel")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("esc")).unwrap();
+        std::fs::write(root.join("file"), "x").unwrap();
+        let r = open_root(&root).unwrap();
+        let lib = open_dir_in_root(&r, &parts("lib"), false).unwrap().unwrap();
+        let st = nix::sys::stat::fstat(lib.as_raw_fd()).unwrap();
+        let want = std::fs::metadata(root.join("usr/lib")).unwrap();
+        assert_eq!(st.st_ino, std::os::unix::fs::MetadataExt::ino(&want));
+        assert!(open_dir_in_root(&r, &parts("rel/lib"), false)
+            .unwrap()
+            .is_some());
+        let e = open_dir_in_root(&r, &parts("esc/x"), true).unwrap_err();
+        assert!(e.contains("outside the root"), "{e}");
+        assert!(open_dir_in_root(&r, &parts("file/x"), true)
+            .unwrap_err()
+            .contains("not a directory"));
+        assert!(open_dir_in_root(&r, &parts("none"), false)
+            .unwrap()
+            .is_none());
+        assert!(open_dir_in_root(&r, &parts("lib/new/deep"), true)
+            .unwrap()
+            .is_some());
+        assert!(root.join("usr/lib/new/deep").is_dir());
+        assert!(std::fs::read_dir(t.path().join("outside"))
+            .unwrap()
+            .next()
+            .is_none());
+    }
+
+    #[test]
+    fn remove_any_never_follows_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        let keep = t.path().join("keep");
+        std::fs::create_dir_all(&keep).unwrap();
+        std::fs::write(keep.join("f"), "x").unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("d/e")).unwrap();
+        std::os::unix::fs::symlink(&keep, root.join("d/e/link")).unwrap();
+        let r = open_root(&root).unwrap();
+        assert!(remove_any(&r, OsStr::new("d")).unwrap());
+        assert!(!root.join("d").exists());
+        assert!(keep.join("f").exists());
+        assert!(!remove_any(&r, OsStr::new("d")).unwrap());
     }
 }
