@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Shared helpers for scripts/e2e-clients and tests/clients/*.sh (sourced, not executed).
 # Paths of the private client setup live here so both sides agree on them.
+# shellcheck disable=SC2034  # the variables below are used by the scripts that source this file
 
 E2E_DIR=${CRYO_E2E_DIR:-/tmp/cryo-e2e}
 E2E_IMAGE=localhost/cryo-busybox:latest
