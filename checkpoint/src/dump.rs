@@ -1,4 +1,4 @@
-//! `cryo checkpoint`: freeze → capture rootfs → CRIU dump → thaw (or stop) → compress →
+//! `cryo checkpoint`: freeze → CRIU dump → capture rootfs → thaw (or stop) → compress →
 //! manifest. The container ends running and thawed exactly as before on every failure path,
 //! or paused if it was paused.
 
@@ -156,25 +156,10 @@ pub fn checkpoint(
     };
     let freeze_ms = ms(t_freeze.elapsed());
 
-    let t_capture = Instant::now();
-    let mut rootfs_record = rootfs_record(&rootfs_kind, req.snapshot);
+    // The files the processes hold open, listed before CRIU runs (with --tcp-established and
+    // no --leave-running CRIU kills the tasks at the end of its dump).
     let mut open_files = Vec::new();
-    let mut devshm = None;
     if !req.flags.pre_dump {
-        if let Some(RootfsKind::Overlay { upper_dir, .. }) = &rootfs_kind {
-            let raw = req.image_dir.join(rootfs::RAW_CHANGESET);
-            let report = rootfs::capture_upper(upper_dir, &raw, &rootfs::CaptureOptions::default())
-                .map_err(|e| fail_frozen("capturing the overlay upper dir", e.to_string(), None))?;
-            rootfs_record.snapshot = Some(rootfs::RAW_CHANGESET.to_string());
-            rootfs_record.device_nodes = report.device_nodes.clone();
-            rootfs_record.entries = report.entries;
-            rootfs_record.bytes = report.bytes;
-        }
-        if let Some(src) = facts::host_devshm(&req.spec) {
-            rootfs::capture_dir(&src, &req.image_dir.join(DEVSHM_FILE))
-                .map_err(|e| fail_frozen("capturing /dev/shm", e.to_string(), None))?;
-            devshm = Some(DEVSHM_FILE.to_string());
-        }
         let pids = facts::cgroup_pids(freezer.path());
         open_files = rootfs::collect_open_files(&pids, &req.rootfs)
             .map_err(|e| fail_frozen("listing open files", e.to_string(), None))?
@@ -186,10 +171,9 @@ pub fn checkpoint(
             })
             .collect();
     }
-    let rootfs_capture_ms = ms(t_capture.elapsed());
     if interrupted() {
         return Err(fail_frozen(
-            "capturing",
+            "listing open files",
             "interrupted by a signal".into(),
             None,
         ));
@@ -234,6 +218,37 @@ pub fn checkpoint(
             "dumping",
             "interrupted by a signal".into(),
             Some(log),
+        ));
+    }
+
+    // The rootfs is captured after CRIU's dump, still frozen: files and process state agree,
+    // and what CRIU itself changes in the rootfs while dumping (it makes and removes a
+    // directory in the container's /tmp to reach tmpfs mounts) is in the snapshot too.
+    let t_capture = Instant::now();
+    let mut rootfs_record = rootfs_record(&rootfs_kind, req.snapshot);
+    let mut devshm = None;
+    if !req.flags.pre_dump {
+        if let Some(RootfsKind::Overlay { upper_dir, .. }) = &rootfs_kind {
+            let raw = req.image_dir.join(rootfs::RAW_CHANGESET);
+            let report = rootfs::capture_upper(upper_dir, &raw, &rootfs::CaptureOptions::default())
+                .map_err(|e| fail_frozen("capturing the overlay upper dir", e.to_string(), None))?;
+            rootfs_record.snapshot = Some(rootfs::RAW_CHANGESET.to_string());
+            rootfs_record.device_nodes = report.device_nodes.clone();
+            rootfs_record.entries = report.entries;
+            rootfs_record.bytes = report.bytes;
+        }
+        if let Some(src) = facts::host_devshm(&req.spec) {
+            rootfs::capture_dir(&src, &req.image_dir.join(DEVSHM_FILE))
+                .map_err(|e| fail_frozen("capturing /dev/shm", e.to_string(), None))?;
+            devshm = Some(DEVSHM_FILE.to_string());
+        }
+    }
+    let rootfs_capture_ms = ms(t_capture.elapsed());
+    if interrupted() {
+        return Err(fail_frozen(
+            "capturing the rootfs",
+            "interrupted by a signal".into(),
+            None,
         ));
     }
 

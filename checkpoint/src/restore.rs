@@ -387,12 +387,14 @@ impl RootMount {
             None::<&str>,
         )
         .map_err(|e| format!("bind {} on {}: {e}", source.display(), target.display()))?;
-        // Keep CRIU's mounts from propagating back into the host's view of the rootfs.
+        // Slave, not private: CRIU copies the dumped root's sharing from this mount
+        // (MOVE_MOUNT_SET_GROUP refuses a private source: docker's rootfs was a slave of the
+        // host's overlay mount), while nothing CRIU mounts below propagates back to the host.
         let _ = mount(
             None::<&str>,
             target,
             None::<&str>,
-            MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+            MsFlags::MS_SLAVE | MsFlags::MS_REC,
             None::<&str>,
         );
         Ok(Self {

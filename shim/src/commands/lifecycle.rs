@@ -120,6 +120,19 @@ pub fn kill(ctx: &Context, a: &KillArgs) -> anyhow::Result<i32> {
 pub fn delete(ctx: &Context, a: &DeleteArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
     let _lock = ctx.store.lock(id)?;
+    if a.force && !ctx.store.exists(id) {
+        // As runc: a forced delete of a container that is already gone succeeds (podman's
+        // checkpoint and containerd's cleanup shim both send one after the container went away).
+        // A directory without state.json is what an aborted create leaves: remove it.
+        let dir = ctx.store.container_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("cryo: remove {}: {e}", dir.display());
+            }
+        }
+        ctx.store.remove_lock_file(id);
+        return Ok(0);
+    }
     let verb = if a.force {
         Verb::ForceDelete
     } else {

@@ -47,7 +47,11 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         rootfs: rootfs.canonicalize().unwrap_or(rootfs.clone()),
         image_dir: image_dir.clone(),
         work_dir,
-        scratch_dir: container_dir.clone(),
+        // CRIU finds its root mount by path in mountinfo, which shows resolved paths: docker's
+        // --root /var/run/… must become /run/… or CRIU cannot match the mount (as runc does).
+        scratch_dir: container_dir
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", container_dir.display()))?,
         console_socket: a.console_socket.clone(),
         pid_file: a.pid_file.clone(),
         cgroup_path: youki_cfg.cgroup_path.clone(),
