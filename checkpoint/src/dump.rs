@@ -133,53 +133,6 @@ pub fn checkpoint(
         })?;
     }
 
-    // ---- freeze window ----
-    let t_freeze = Instant::now();
-    let mut guard = Some(
-        FreezeGuard::freeze(freezer, req.freeze_timeout)
-            .map_err(|e| fail("freezing the container", e.to_string()))?,
-    );
-    let was_paused = guard.as_ref().is_some_and(FreezeGuard::was_frozen_before);
-    let after = |was_paused: bool| {
-        if was_paused {
-            "; the container was left paused, as it was before".to_string()
-        } else {
-            "; the container was thawed and keeps running".to_string()
-        }
-    };
-    let fail_frozen = |step: &'static str, detail: String, log: Option<PathBuf>| DumpError {
-        id: req.id.clone(),
-        step,
-        detail,
-        after: after(was_paused),
-        log,
-    };
-    let freeze_ms = ms(t_freeze.elapsed());
-
-    // The files the processes hold open, listed before CRIU runs (with --tcp-established and
-    // no --leave-running CRIU kills the tasks at the end of its dump).
-    let mut open_files = Vec::new();
-    if !req.flags.pre_dump {
-        let pids = facts::cgroup_pids(freezer.path());
-        open_files = rootfs::collect_open_files(&pids, &req.rootfs)
-            .map_err(|e| fail_frozen("listing open files", e.to_string(), None))?
-            .into_iter()
-            .filter(|f| !f.deleted)
-            .map(|f| OpenFileRecord {
-                path: f.path,
-                size: f.size,
-            })
-            .collect();
-    }
-    if interrupted() {
-        return Err(fail_frozen(
-            "listing open files",
-            "interrupted by a signal".into(),
-            None,
-        ));
-    }
-
-    let t_dump = Instant::now();
     let kind = if req.flags.pre_dump {
         CallKind::PreDump
     } else {
@@ -201,17 +154,84 @@ pub fn checkpoint(
         extra_fds: Vec::new(),
         inherit_stdio: false,
     };
+
+    // ---- freeze window ----
+    // cryo freezes when CRIU sends its pre-dump notification: CRIU's own start (probing the
+    // kernel, parsing the tree: ~50 ms) runs while the container still runs, and CRIU then
+    // finds the cgroup frozen and leaves it so. The open files are listed frozen, before CRIU
+    // dumps (with --tcp-established and no --leave-running CRIU kills the tasks at its end).
+    let t_dump = Instant::now();
+    let mut frozen: Option<(FreezeGuard<'_>, Instant, f64)> = None;
+    let mut frozen_err: Option<DumpError> = None;
+    let mut open_files = Vec::new();
     let status_fd = req.flags.status_fd;
-    let mut on_notify = |n: Notification<'_>| -> Result<(), String> {
-        if n.script == "status-ready" {
-            if let Some(fd) = status_fd {
-                signal_status_fd(fd)?;
+    let result = {
+        let mut on_notify = |n: Notification<'_>| -> Result<(), String> {
+            match n.script {
+                "pre-dump" if frozen.is_none() => {
+                    let t = Instant::now();
+                    let g = FreezeGuard::freeze(freezer, req.freeze_timeout).map_err(|e| {
+                        let msg = e.to_string();
+                        frozen_err = Some(fail("freezing the container", msg.clone()));
+                        msg
+                    })?;
+                    let paused = g.was_frozen_before();
+                    frozen = Some((g, t, ms(t.elapsed())));
+                    if !req.flags.pre_dump {
+                        let pids = facts::cgroup_pids(freezer.path());
+                        open_files = rootfs::collect_open_files(&pids, &req.rootfs)
+                            .map_err(|e| {
+                                let mut err = fail("listing open files", e.to_string());
+                                err.after = thawed_or_paused(paused);
+                                frozen_err = Some(err);
+                                e.to_string()
+                            })?
+                            .into_iter()
+                            .filter(|f| !f.deleted)
+                            .map(|f| OpenFileRecord {
+                                path: f.path,
+                                size: f.size,
+                            })
+                            .collect();
+                    }
+                    if interrupted() {
+                        return Err("interrupted by a signal".into());
+                    }
+                }
+                "status-ready" => {
+                    if let Some(fd) = status_fd {
+                        signal_status_fd(fd)?;
+                    }
+                }
+                _ => {}
             }
-        }
-        Ok(())
+            Ok(())
+        };
+        criu.call(call, &mut on_notify)
     };
-    criu.call(call, &mut on_notify)
-        .map_err(|e| fail_frozen("dumping with CRIU", e.to_string(), Some(log.clone())))?;
+    if let Some(e) = frozen_err {
+        return Err(e);
+    }
+    let was_paused = frozen
+        .as_ref()
+        .is_some_and(|(g, _, _)| g.was_frozen_before());
+    let fail_frozen = |step: &'static str, detail: String, log: Option<PathBuf>| DumpError {
+        id: req.id.clone(),
+        step,
+        detail,
+        after: thawed_or_paused(was_paused),
+        log,
+    };
+    result.map_err(|e| fail_frozen("dumping with CRIU", e.to_string(), Some(log.clone())))?;
+    let Some((guard, t_freeze, freeze_ms)) = frozen else {
+        return Err(fail(
+            "dumping with CRIU",
+            "CRIU finished without sending its pre-dump notification, so the container was \
+             never frozen by cryo: use CRIU >= 4.2"
+                .into(),
+        ));
+    };
+    let mut guard = Some(guard);
     let dump_ms = ms(t_dump.elapsed());
     if interrupted() {
         return Err(fail_frozen(
@@ -318,6 +338,15 @@ pub fn checkpoint(
         manifest: Some(manifest),
         stopped: stop,
     })
+}
+
+/// What a failed checkpoint left: the container as it was before.
+fn thawed_or_paused(was_paused: bool) -> String {
+    if was_paused {
+        "; the container was left paused, as it was before".to_string()
+    } else {
+        "; the container was thawed and keeps running".to_string()
+    }
 }
 
 fn check_criu(criu: &dyn CriuClient, f: &DumpFlags) -> Result<(), CriuError> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cryo_cgroup::{Freezer, FreezerState, V1Freezer};
 use cryo_checkpoint::criu::{
-    CallKind, CriuCall, CriuClient, CriuError, CriuOutcome, Features, NotifyHandler,
+    CallKind, CriuCall, CriuClient, CriuError, CriuOutcome, Features, Notification, NotifyHandler,
 };
 use cryo_checkpoint::dump::{checkpoint, DumpRequest, SnapshotMode};
 use cryo_checkpoint::flags::DumpFlags;
@@ -27,8 +27,22 @@ impl CriuClient for FakeCriu {
     fn features(&self, _ask: Features) -> Result<Features, CriuError> {
         Ok(Features::default()) // like this kernel: no soft-dirty
     }
-    fn call(&self, call: CriuCall, _n: &mut NotifyHandler<'_>) -> Result<CriuOutcome, CriuError> {
+    fn call(&self, call: CriuCall, n: &mut NotifyHandler<'_>) -> Result<CriuOutcome, CriuError> {
         assert_eq!(call.kind, CallKind::Dump);
+        // As CRIU: the pre-dump notification comes before it looks at the freezer.
+        if let Err(e) = n(Notification {
+            script: "pre-dump",
+            pid: 0,
+            fd: None,
+        }) {
+            return Err(CriuError::Failed {
+                kind: "NOTIFY".into(),
+                errno: 0,
+                msg: e,
+                log: call.work_dir.join("dump.log"),
+                excerpt: String::new(),
+            });
+        }
         *self.seen_state.borrow_mut() =
             std::fs::read_to_string(self.freezer.join("freezer.state")).ok();
         *self.seen_leave_running.borrow_mut() = Some(call.opts.leave_running());

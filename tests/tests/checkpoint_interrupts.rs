@@ -46,17 +46,59 @@ fn child_criu(parent: u32) -> Option<i32> {
     None
 }
 
-/// The dump's CRIU: a criu child of cryo while the container's freezer reads FROZEN.
-fn wait_for_dump(cryo: u32, pid: i64) -> i32 {
-    let end = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < end {
-        if let Some(c) = child_criu(cryo) {
-            if freezer_state(pid) == "FROZEN" {
-                return c;
-            }
-        }
+/// A bundle whose CRIU (through the `org.criu.config` annotation, as a docker user would) runs an
+/// action script that, at `post-dump`, touches a marker and sleeps: the pages are dumped, the
+/// container is frozen, and CRIU is still running for seconds. That makes the interrupt land
+/// inside the freeze deterministically, however short the freeze is.
+fn slow_dump_bundle() -> (Bundle, std::path::PathBuf) {
+    let b = Bundle::busybox(&["sh", "-c", BIG]);
+    let marker = b.dir.join("in-post-dump");
+    let script = b.dir.join("slow-post-dump.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] || exit 0\ntouch {}\nsleep 5\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let conf = b.dir.join("criu.conf");
+    std::fs::write(&conf, format!("action-script {}\n", script.display())).unwrap();
+    let conf = conf.to_str().unwrap().to_string();
+    b.write_config(&["sh", "-c", BIG], move |v| {
+        v["annotations"] = serde_json::json!({"org.criu.config": conf});
+    });
+    (b, marker)
+}
+
+/// Wait until CRIU sits in its post-dump script, check the container is frozen then, and
+/// return the dump's CRIU (a criu child of cryo).
+fn wait_for_dump(cryo: u32, pid: i64, marker: &std::path::Path) -> i32 {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < end,
+            "CRIU never reached its post-dump script"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
-    panic!("never saw CRIU dumping the frozen container");
+    // CRIU seizes the frozen tasks with ptrace, then thaws the cgroup for the rest of the dump
+    // (and re-freezes it at the end, since cryo froze it first): they must be stopped now.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let state = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        state == "t" || freezer_state(pid) == "FROZEN",
+        "the container must be stopped while CRIU dumps it (state {state})"
+    );
+    child_criu(cryo).expect("no CRIU child of cryo while it dumps")
 }
 
 fn assert_intact(rt: &Runtime, id: &str, lines: &cryo_tests::runtime::Lines) {
@@ -80,7 +122,7 @@ fn assert_intact(rt: &Runtime, id: &str, lines: &cryo_tests::runtime::Lines) {
 #[test]
 fn sigterm_to_cryo_during_checkpoint_thaws_the_container() {
     let rt = Runtime::cryo();
-    let b = Bundle::busybox(&["sh", "-c", BIG]);
+    let (b, marker) = slow_dump_bundle();
     let id = unique("sigterm");
     let _g = rt.guard(&id);
     let lines = start(&rt, &b, &id);
@@ -93,7 +135,7 @@ fn sigterm_to_cryo_during_checkpoint_thaws_the_container() {
         .unwrap();
     // Wait until the container is frozen and CRIU dumps it, then ask cryo to stop.
     let pid = rt.state(&id)["pid"].as_i64().unwrap();
-    wait_for_dump(cryo.id(), pid);
+    wait_for_dump(cryo.id(), pid, &marker);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(cryo.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -110,7 +152,7 @@ fn sigterm_to_cryo_during_checkpoint_thaws_the_container() {
 #[test]
 fn criu_killed_mid_dump_leaves_the_container_running() {
     let rt = Runtime::cryo();
-    let b = Bundle::busybox(&["sh", "-c", BIG]);
+    let (b, marker) = slow_dump_bundle();
     let id = unique("criukill");
     let _g = rt.guard(&id);
     let lines = start(&rt, &b, &id);
@@ -128,7 +170,7 @@ fn criu_killed_mid_dump_leaves_the_container_running() {
         .spawn()
         .unwrap();
     let pid = rt.state(&id)["pid"].as_i64().unwrap();
-    let criu = wait_for_dump(cryo.id(), pid);
+    let criu = wait_for_dump(cryo.id(), pid, &marker);
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(criu),
         nix::sys::signal::Signal::SIGKILL,
