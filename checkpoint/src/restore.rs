@@ -159,6 +159,15 @@ pub fn restore(
         .map_err(|e| fail("planning the restore", e.to_string()))?;
     let extra_fds = fill_opts(&mut opts, &plan, req).map_err(|e| fail("preparing", e))?;
 
+    // --lazy-pages: memory comes through userfaultfd from a lazy-pages daemon serving the
+    // image (killed again on any failure below, left to finish copying on success).
+    let lazy = if req.flags.common.lazy_pages {
+        criu.lazy_pages_daemon(&req.image_dir, &req.work_dir)
+            .map_err(|e| fail("starting CRIU's lazy-pages daemon", e.to_string()))?
+    } else {
+        None
+    };
+
     // From here on every failure must undo: mount, cgroups, processes, pid file.
     let mount = RootMount::bind(&req.rootfs, &criu_root)
         .map_err(|e| fail("mounting the rootfs for CRIU", e))?;
@@ -231,6 +240,9 @@ pub fn restore(
                 format!("{}: {e}", pf.display()),
             ));
         }
+    }
+    if let Some(daemon) = lazy {
+        daemon.detach();
     }
     Ok(RestoreReport {
         pid,

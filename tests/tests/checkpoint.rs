@@ -214,3 +214,69 @@ fn failed_restore_leaves_nothing_behind() {
     assert!(!rt.root.join(&id).exists());
     assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/freezer/:youki:{id}")).exists());
 }
+
+/// `restore --lazy-pages`: cryo starts CRIU's lazy-pages daemon on the image itself; the process
+/// runs before its memory is back, and every page still arrives (the 1 MB string is intact,
+/// the counter continues), after which the daemon exits by itself.
+#[test]
+fn lazy_restore_continues_with_memory_intact_and_the_daemon_finishes() {
+    let rt = Runtime::cryo();
+    let b = Bundle::busybox(WORKLOAD);
+    let (id, id2) = (unique("lazy"), unique("lazy-restored"));
+    let (_g, _g2) = (rt.guard(&id), rt.guard(&id2));
+    let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", b.dir.to_str().unwrap(), &id]);
+    let seen = lines.wait_count(5, Duration::from_secs(20));
+    let img = b.dir.join("img");
+    rt.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), &id]);
+    let before = lines.drain(Duration::from_secs(5));
+    let last = before.last().map(|l| count(l)).unwrap_or(seen);
+    let restored = rt.spawn_with_pipe(&[
+        "restore",
+        "--detach",
+        "--lazy-pages",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        img.to_str().unwrap(),
+        &id2,
+    ]);
+    let first = restored
+        .next(Duration::from_secs(10))
+        .expect("no output from the lazily restored process");
+    assert_eq!(count(&first), last + 1, "the counter must continue");
+    assert!(first.ends_with(" 1000000"), "memory lost: {first}");
+    let log = std::fs::read_to_string(img.join("lazy-pages.log")).unwrap();
+    assert!(
+        log.contains("uffd"),
+        "the lazy-pages daemon served no page: {log}"
+    );
+    // The daemon copies the rest in the background and then exits.
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while lazy_daemon_alive(&img) {
+        assert!(
+            std::time::Instant::now() < end,
+            "lazy-pages daemon still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let next = restored.next(Duration::from_secs(5)).unwrap();
+    assert!(
+        next.ends_with(" 1000000") && count(&next) > last + 1,
+        "{next}"
+    );
+}
+
+fn lazy_daemon_alive(img: &std::path::Path) -> bool {
+    let want = img.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            return false;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        !zombie && cmd.contains("lazy-pages") && cmd.contains(&want)
+    })
+}

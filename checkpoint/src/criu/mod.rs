@@ -7,6 +7,7 @@
 //! callbacks that carry state. Everything above the transport talks to the [`CriuClient`] trait,
 //! so the engine is tested with a fake CRIU.
 
+pub mod lazy;
 pub mod swrk;
 
 use std::os::fd::OwnedFd;
@@ -157,6 +158,18 @@ pub trait CriuClient {
     fn version(&self) -> Result<u32, CriuError>;
     /// Which of the asked features this machine has.
     fn features(&self, ask: Features) -> Result<Features, CriuError>;
+    /// Make sure a lazy-pages daemon serves `images_dir` for a restore working in `work_dir`
+    /// (`None`: one that someone else started already does).
+    fn lazy_pages_daemon(
+        &self,
+        images_dir: &std::path::Path,
+        work_dir: &std::path::Path,
+    ) -> Result<Option<lazy::LazyPagesDaemon>, CriuError> {
+        let _ = (images_dir, work_dir);
+        Err(CriuError::Missing(
+            "this CRIU client cannot start a lazy-pages daemon".into(),
+        ))
+    }
     /// Run a dump, pre-dump or restore request.
     fn call(
         &self,

@@ -206,6 +206,18 @@ impl Session {
 }
 
 impl CriuClient for SwrkClient {
+    fn lazy_pages_daemon(
+        &self,
+        images_dir: &Path,
+        work_dir: &Path,
+    ) -> Result<Option<super::lazy::LazyPagesDaemon>, CriuError> {
+        super::lazy::LazyPagesDaemon::start(
+            &self.binary,
+            images_dir,
+            work_dir,
+            std::time::Duration::from_secs(10),
+        )
+    }
     fn version(&self) -> Result<u32, CriuError> {
         let mut req = rpc::Criu_req::new();
         req.set_type(rpc::Criu_req_type::VERSION);
