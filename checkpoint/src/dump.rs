@@ -69,6 +69,8 @@ pub struct DumpRequest {
     pub flags: DumpFlags,
     /// `--rootfs-snapshot`.
     pub snapshot: SnapshotMode,
+    /// `--compress-pages`: zstd the page images after the thaw ([`crate::pages`]).
+    pub compress_pages: bool,
     /// How long the freeze may take.
     pub freeze_timeout: Duration,
 }
@@ -297,6 +299,14 @@ pub fn checkpoint(
         rootfs_record.snapshot = Some(rootfs::COMPRESSED_CHANGESET.to_string());
         timings.compress_ms = ms(t.elapsed());
     }
+    let mut compressed_pages = Vec::new();
+    if req.compress_pages && kind == CallKind::Dump {
+        let t = Instant::now();
+        let (names, _) = crate::pages::compress_pages(&req.image_dir, 1, compress_threads())
+            .map_err(|e| fail("compressing the page images", e))?;
+        compressed_pages = names;
+        timings.compress_ms += ms(t.elapsed());
+    }
     if kind == CallKind::PreDump {
         return Ok(DumpReport {
             manifest: None,
@@ -321,6 +331,7 @@ pub fn checkpoint(
         rootfs: rootfs_record,
         devshm,
         open_files,
+        compressed_pages,
         timings,
     };
     manifest

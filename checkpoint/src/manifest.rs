@@ -100,6 +100,9 @@ pub struct Manifest {
     /// Regular files held open.
     #[serde(default)]
     pub open_files: Vec<OpenFileRecord>,
+    /// Page images stored zstd-compressed as `<name>.zst` (`--compress-pages`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compressed_pages: Vec<String>,
     /// Step timings.
     pub timings: Timings,
 }
@@ -202,6 +205,7 @@ mod tests {
             },
             devshm: None,
             open_files: vec![],
+            compressed_pages: Vec::new(),
             timings: Timings::default(),
         }
     }

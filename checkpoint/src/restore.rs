@@ -159,6 +159,36 @@ pub fn restore(
         .map_err(|e| fail("planning the restore", e.to_string()))?;
     let extra_fds = fill_opts(&mut opts, &plan, req).map_err(|e| fail("preparing", e))?;
 
+    // Compressed page images (--compress-pages) are staged: CRIU reads plain images.
+    let compressed = manifest
+        .as_ref()
+        .map(|m| m.compressed_pages.clone())
+        .unwrap_or_default();
+    if !compressed.is_empty() && req.flags.common.lazy_pages {
+        return Err(fail(
+            "checking options",
+            "this image's pages are compressed (checkpoint --compress-pages) and --lazy-pages \
+             serves pages from the image after the restore returns: restore without \
+             --lazy-pages, or checkpoint without --compress-pages"
+                .into(),
+        ));
+    }
+    let staged = if compressed.is_empty() {
+        None
+    } else {
+        Some(
+            crate::pages::StagedImages::stage(
+                &req.image_dir,
+                &compressed,
+                &req.work_dir.join(".cryo-staged-images"),
+            )
+            .map_err(|e| fail("decompressing the page images", e))?,
+        )
+    };
+    let images_dir = staged
+        .as_ref()
+        .map_or_else(|| req.image_dir.clone(), |s| s.dir().to_path_buf());
+
     // --lazy-pages: memory comes through userfaultfd from a lazy-pages daemon serving the
     // image (killed again on any failure below, left to finish copying on success).
     let lazy = if req.flags.common.lazy_pages {
@@ -189,7 +219,7 @@ pub fn restore(
     let call = CriuCall {
         kind: CallKind::Restore,
         opts,
-        images_dir: req.image_dir.clone(),
+        images_dir,
         work_dir: req.work_dir.clone(),
         extra_fds,
         inherit_stdio: true,
@@ -218,6 +248,7 @@ pub fn restore(
     };
     host.leave_cgroup();
     drop(mount);
+    drop(staged);
     let pid = match result {
         Ok(outcome) => outcome.restored_pid.or(restored),
         Err(e) => {

@@ -82,6 +82,7 @@ fn setup(name: &str, initial: &str) -> (PathBuf, DumpRequest) {
             ..Default::default()
         },
         snapshot: SnapshotMode::Auto,
+        compress_pages: false,
         freeze_timeout: Duration::from_secs(1),
     };
     (dir, req)

@@ -316,6 +316,10 @@ pub struct CheckpointArgs {
     /// auto, overlay or none: capture the overlay upper dir into the image.
     #[arg(long = "rootfs-snapshot", default_value = "auto")]
     pub rootfs_snapshot: String,
+    /// Store the page images zstd-compressed (after the thaw). Smaller images; only cryo can
+    /// restore them, and not with --lazy-pages.
+    #[arg(long = "compress-pages")]
+    pub compress_pages: bool,
     /// iptables, nftables or skip.
     #[arg(long = "network-lock")]
     pub network_lock: Option<String>,

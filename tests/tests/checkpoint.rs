@@ -280,3 +280,81 @@ fn lazy_daemon_alive(img: &std::path::Path) -> bool {
         !zombie && cmd.contains("lazy-pages") && cmd.contains(&want)
     })
 }
+
+/// `checkpoint --compress-pages`: the page images are stored zstd-compressed (the 1 MB string
+/// shrinks to almost nothing), the restore stages them and the process continues with its
+/// memory intact; a lazy restore of such an image is refused with the reason, leaving nothing.
+#[test]
+fn compressed_pages_restore_intact_and_lazy_restore_of_them_is_refused() {
+    let rt = Runtime::cryo();
+    let b = Bundle::busybox(WORKLOAD);
+    let (id, id2, id3) = (unique("zpg"), unique("zpg-restored"), unique("zpg-lazy"));
+    let (_g, _g2, _g3) = (rt.guard(&id), rt.guard(&id2), rt.guard(&id3));
+    let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", b.dir.to_str().unwrap(), &id]);
+    let seen = lines.wait_count(5, Duration::from_secs(20));
+    let img = b.dir.join("img");
+    rt.ok(&[
+        "checkpoint",
+        "--compress-pages",
+        "--image-path",
+        img.to_str().unwrap(),
+        &id,
+    ]);
+    let before = lines.drain(Duration::from_secs(5));
+    let last = before.last().map(|l| count(l)).unwrap_or(seen);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(img.join("cryo-manifest.json")).unwrap()).unwrap();
+    let names: Vec<String> = manifest["compressed_pages"]
+        .as_array()
+        .expect("manifest lists the compressed page images")
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(!names.is_empty());
+    let mut zst_bytes = 0;
+    for n in &names {
+        assert!(!img.join(n).exists(), "{n} must be stored compressed");
+        zst_bytes += std::fs::metadata(img.join(format!("{n}.zst")))
+            .unwrap()
+            .len();
+    }
+    assert!(
+        zst_bytes < 500_000,
+        "1 MB of 'x' must compress: {zst_bytes} bytes"
+    );
+
+    let e = rt.fails(&[
+        "restore",
+        "--detach",
+        "--lazy-pages",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        img.to_str().unwrap(),
+        &id3,
+    ]);
+    assert!(
+        e.contains("compressed") && e.contains("--lazy-pages"),
+        "{e}"
+    );
+    assert!(rt.fails(&["state", &id3]).contains("does not exist"));
+
+    let restored = rt.spawn_with_pipe(&[
+        "restore",
+        "--detach",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        img.to_str().unwrap(),
+        &id2,
+    ]);
+    let first = restored
+        .next(Duration::from_secs(10))
+        .expect("no output from the restored process");
+    assert_eq!(count(&first), last + 1, "the counter must continue");
+    assert!(first.ends_with(" 1000000"), "memory lost: {first}");
+    assert!(
+        !img.join(".cryo-staged-images").exists(),
+        "the staged images are removed after the restore"
+    );
+}

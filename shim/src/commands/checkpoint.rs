@@ -89,6 +89,7 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
             status_fd: a.status_fd,
         },
         snapshot,
+        compress_pages: a.compress_pages,
         freeze_timeout: FREEZE_TIMEOUT,
     };
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
