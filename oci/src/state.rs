@@ -18,6 +18,22 @@ use crate::atomic::write_atomic;
 const RECORD_FILE: &str = "cryo.json";
 const LOCK_DIR: &str = ".locks";
 
+/// runc's rule for container ids: `[A-Za-z0-9_+.-]+`, and not `.` or `..`, so an id is
+/// always one path component below the state root.
+pub fn validate_id(id: &str) -> Result<(), StateError> {
+    let plain = !id.is_empty()
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_+-.".contains(&b));
+    if plain {
+        Ok(())
+    } else {
+        Err(StateError::InvalidId(id.to_string()))
+    }
+}
+
 /// What cryo remembers about one container.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ContainerRecord {
@@ -46,6 +62,9 @@ pub enum StateError {
     /// No such container.
     #[error("container {0} does not exist")]
     NotFound(String),
+    /// An id that is not a plain name (it would name a path outside the state root).
+    #[error("invalid container id {0:?}: use letters, digits and _ + - . only, as runc")]
+    InvalidId(String),
     /// Filesystem trouble, with the path.
     #[error("{step} {path}: {source}")]
     Io {
@@ -103,7 +122,9 @@ impl StateStore {
     }
 
     /// Take the per-container lock; blocks while another cryo process acts on the same id.
+    /// Refuses an id that is not a plain name.
     pub fn lock(&self, id: &str) -> Result<StoreLock, StateError> {
+        validate_id(id)?;
         let dir = self.root.join(LOCK_DIR);
         create_private_dir(&dir)?;
         let path = dir.join(id);
@@ -216,6 +237,17 @@ fn create_private_dir(dir: &Path) -> Result<(), StateError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn ids_are_plain_names() {
+        for ok in ["c1", "a.b_c+d-e", "856d25e4d464f2d65e05e773d347ba45"] {
+            assert!(validate_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "a b", "x\n"] {
+            let e = validate_id(bad).unwrap_err().to_string();
+            assert!(e.contains("invalid container id"), "{bad}: {e}");
+        }
+    }
 
     fn record(id: &str) -> ContainerRecord {
         ContainerRecord {

@@ -84,6 +84,11 @@ fn bad_inputs_give_clear_errors() {
     assert!(rt.fails(&["delete", "nope"]).contains("does not exist"));
     // As runc: forcing the delete of a container that is gone succeeds.
     rt.ok(&["delete", "--force", "nope"]);
+    // An id is one path component: `../x` must never name a directory outside the root.
+    assert!(rt
+        .fails(&["delete", "--force", "../x"])
+        .contains("invalid container id"));
+    assert!(rt.fails(&["state", "a/b"]).contains("invalid container id"));
     assert!(rt
         .fails(&["create", "--bundle", "/nonexistent", "x"])
         .contains("does not exist"));

@@ -25,6 +25,7 @@ pub fn status_of(c: &Container) -> cryo_oci::Status {
 
 /// Load a container (status refreshed from /proc).
 pub fn load_container(ctx: &Context, id: &str) -> anyhow::Result<(Container, cryo_oci::Status)> {
+    cryo_oci::state::validate_id(id)?;
     if !ctx.store.exists(id) {
         bail!("container {id} does not exist");
     }
