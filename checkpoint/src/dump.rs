@@ -289,16 +289,26 @@ pub fn checkpoint(
         timings.frozen_ms = ms(t_freeze.elapsed());
     }
     // ---- after the thaw (or, when stopping, still frozen: nothing is lost if this fails) ----
-    if let Some(raw) = rootfs_record.snapshot.clone() {
-        let t = Instant::now();
-        let raw_path = req.image_dir.join(&raw);
-        let zst = req.image_dir.join(rootfs::COMPRESSED_CHANGESET);
-        rootfs::compress_zstd(&raw_path, &zst, 3, compress_threads())
-            .map_err(|e| fail("compressing the rootfs snapshot", e.to_string()))?;
-        let _ = std::fs::remove_file(&raw_path);
-        rootfs_record.snapshot = Some(rootfs::COMPRESSED_CHANGESET.to_string());
-        timings.compress_ms = ms(t.elapsed());
-    }
+    // CRIU's images go to disk while the changeset is compressed: the final syncfs then
+    // has little left to write.
+    let flushed = std::thread::scope(|scope| -> Result<(), DumpError> {
+        let flush = scope.spawn(|| flush_criu_images(&req.image_dir, req.compress_pages));
+        if let Some(raw) = rootfs_record.snapshot.clone() {
+            let t = Instant::now();
+            let raw_path = req.image_dir.join(&raw);
+            let zst = req.image_dir.join(rootfs::COMPRESSED_CHANGESET);
+            rootfs::compress_zstd(&raw_path, &zst, 1, compress_threads())
+                .map_err(|e| fail("compressing the rootfs snapshot", e.to_string()))?;
+            let _ = std::fs::remove_file(&raw_path);
+            rootfs_record.snapshot = Some(rootfs::COMPRESSED_CHANGESET.to_string());
+            timings.compress_ms = ms(t.elapsed());
+        }
+        flush
+            .join()
+            .unwrap_or_else(|_| Err("the flushing thread panicked".into()))
+            .map_err(|e| fail("syncing the image", e))
+    });
+    flushed?;
     let mut compressed_pages = Vec::new();
     if req.compress_pages && kind == CallKind::Dump {
         let t = Instant::now();
@@ -490,6 +500,25 @@ fn signal_status_fd(fd: i32) -> Result<(), String> {
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
     f.write_all(&[0])
         .map_err(|e| format!("writing to --status-fd {fd}: {e}"))
+}
+
+/// fdatasync every CRIU image file in `dir` (not cryo's raw changeset, which is replaced by
+/// its compressed copy, nor page images about to be compressed).
+fn flush_criu_images(dir: &Path, pages_compressed_next: bool) -> Result<(), String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let skip = name == rootfs::RAW_CHANGESET
+            || (pages_compressed_next && name.starts_with("pages-"))
+            || !e.file_type().is_ok_and(|t| t.is_file());
+        if skip {
+            continue;
+        }
+        let f = std::fs::File::open(e.path()).map_err(|err| format!("{name}: {err}"))?;
+        f.sync_data()
+            .map_err(|err| format!("fdatasync {name}: {err}"))?;
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), String> {
