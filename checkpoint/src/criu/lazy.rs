@@ -59,9 +59,18 @@ impl LazyPagesDaemon {
             .arg("-v4")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            // Its own session: the daemon outlives cryo and must not get the caller's signals.
-            .process_group(0);
+            .stderr(Stdio::null());
+        // SAFETY: between fork and exec the child only calls setsid(2), which is
+        // async-signal-safe and touches no memory of the parent.
+        unsafe {
+            // Its own session: the daemon outlives cryo and must not get the caller's signals
+            // (a closed terminal's SIGHUP, a Ctrl-C to the foreground group).
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
         let child = cmd
             .spawn()
             .map_err(|e| fail(format!("cannot start {} lazy-pages: {e}", criu.display())))?;
