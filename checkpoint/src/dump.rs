@@ -509,7 +509,7 @@ fn flush_criu_images(dir: &Path, pages_compressed_next: bool) -> Result<(), Stri
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let skip = name == rootfs::RAW_CHANGESET
-            || (pages_compressed_next && name.starts_with("pages-"))
+            || (pages_compressed_next && crate::pages::is_page_image(&name))
             || !e.file_type().is_ok_and(|t| t.is_file());
         if skip {
             continue;

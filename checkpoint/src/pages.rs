@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 /// Suffix of a compressed page image: `pages-1.img` becomes `pages-1.img.zst`.
 pub const SUFFIX: &str = ".zst";
 
-fn is_page_image(name: &str) -> bool {
+/// `pages-N.img`: a CRIU page image.
+pub(crate) fn is_page_image(name: &str) -> bool {
     name.starts_with("pages-") && name.ends_with(".img")
 }
 

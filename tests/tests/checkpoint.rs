@@ -2,6 +2,7 @@
 //! from its checkpointed state, failures leave the container running and thawed.
 #![allow(clippy::unwrap_used)]
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cryo_tests::runtime::freezer_state;
@@ -16,6 +17,35 @@ const WORKLOAD: &[&str] = &[
 
 fn count(line: &str) -> u64 {
     line.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Run WORKLOAD as `id`, let it count to 5, checkpoint it (stopping it) into `<bundle>/img`
+/// with `flags`; returns the image dir and the last count it printed.
+fn run_and_checkpoint(rt: &Runtime, b: &Bundle, id: &str, flags: &[&str]) -> (PathBuf, u64) {
+    let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", b.dir.to_str().unwrap(), id]);
+    let seen = lines.wait_count(5, Duration::from_secs(20));
+    let img = b.dir.join("img");
+    let mut args = vec!["checkpoint"];
+    args.extend_from_slice(flags);
+    args.extend(["--image-path", img.to_str().unwrap(), id]);
+    rt.ok(&args);
+    let before = lines.drain(Duration::from_secs(5));
+    let last = before.last().map(|l| count(l)).unwrap_or(seen);
+    (img, last)
+}
+
+/// `restore --detach [extra] --bundle B --image-path IMG ID`.
+fn restore_args<'a>(b: &'a Bundle, img: &'a Path, id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["restore", "--detach"];
+    args.extend_from_slice(extra);
+    args.extend([
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        img.to_str().unwrap(),
+        id,
+    ]);
+    args
 }
 
 #[test]
@@ -224,22 +254,8 @@ fn lazy_restore_continues_with_memory_intact_and_the_daemon_finishes() {
     let b = Bundle::busybox(WORKLOAD);
     let (id, id2) = (unique("lazy"), unique("lazy-restored"));
     let (_g, _g2) = (rt.guard(&id), rt.guard(&id2));
-    let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", b.dir.to_str().unwrap(), &id]);
-    let seen = lines.wait_count(5, Duration::from_secs(20));
-    let img = b.dir.join("img");
-    rt.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), &id]);
-    let before = lines.drain(Duration::from_secs(5));
-    let last = before.last().map(|l| count(l)).unwrap_or(seen);
-    let restored = rt.spawn_with_pipe(&[
-        "restore",
-        "--detach",
-        "--lazy-pages",
-        "--bundle",
-        b.dir.to_str().unwrap(),
-        "--image-path",
-        img.to_str().unwrap(),
-        &id2,
-    ]);
+    let (img, last) = run_and_checkpoint(&rt, &b, &id, &[]);
+    let restored = rt.spawn_with_pipe(&restore_args(&b, &img, &id2, &["--lazy-pages"]));
     let first = restored
         .next(Duration::from_secs(10))
         .expect("no output from the lazily restored process");
@@ -266,7 +282,7 @@ fn lazy_restore_continues_with_memory_intact_and_the_daemon_finishes() {
     );
 }
 
-fn lazy_daemon_alive(img: &std::path::Path) -> bool {
+fn lazy_daemon_alive(img: &Path) -> bool {
     let want = img.to_string_lossy().into_owned();
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
@@ -290,18 +306,7 @@ fn compressed_pages_restore_intact_and_lazy_restore_of_them_is_refused() {
     let b = Bundle::busybox(WORKLOAD);
     let (id, id2, id3) = (unique("zpg"), unique("zpg-restored"), unique("zpg-lazy"));
     let (_g, _g2, _g3) = (rt.guard(&id), rt.guard(&id2), rt.guard(&id3));
-    let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", b.dir.to_str().unwrap(), &id]);
-    let seen = lines.wait_count(5, Duration::from_secs(20));
-    let img = b.dir.join("img");
-    rt.ok(&[
-        "checkpoint",
-        "--compress-pages",
-        "--image-path",
-        img.to_str().unwrap(),
-        &id,
-    ]);
-    let before = lines.drain(Duration::from_secs(5));
-    let last = before.last().map(|l| count(l)).unwrap_or(seen);
+    let (img, last) = run_and_checkpoint(&rt, &b, &id, &["--compress-pages"]);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(img.join("cryo-manifest.json")).unwrap()).unwrap();
     let names: Vec<String> = manifest["compressed_pages"]
@@ -323,31 +328,14 @@ fn compressed_pages_restore_intact_and_lazy_restore_of_them_is_refused() {
         "1 MB of 'x' must compress: {zst_bytes} bytes"
     );
 
-    let e = rt.fails(&[
-        "restore",
-        "--detach",
-        "--lazy-pages",
-        "--bundle",
-        b.dir.to_str().unwrap(),
-        "--image-path",
-        img.to_str().unwrap(),
-        &id3,
-    ]);
+    let e = rt.fails(&restore_args(&b, &img, &id3, &["--lazy-pages"]));
     assert!(
         e.contains("compressed") && e.contains("--lazy-pages"),
         "{e}"
     );
     assert!(rt.fails(&["state", &id3]).contains("does not exist"));
 
-    let restored = rt.spawn_with_pipe(&[
-        "restore",
-        "--detach",
-        "--bundle",
-        b.dir.to_str().unwrap(),
-        "--image-path",
-        img.to_str().unwrap(),
-        &id2,
-    ]);
+    let restored = rt.spawn_with_pipe(&restore_args(&b, &img, &id2, &[]));
     let first = restored
         .next(Duration::from_secs(10))
         .expect("no output from the restored process");
