@@ -71,14 +71,11 @@ print(base64.b64decode(json.load(sys.stdin)["Runtime"]["Options"]["value"]).deco
 }
 
 flow_run() {
-  local c=${NAME_PREFIX}ctr-run got rc
+  local c=${NAME_PREFIX}ctr-run
   start_counter "$c"
   assert_binary_name "$c"
   wait_for 20 "counter of $c reaches 3" counter_ge "$c" 3
-  got=$(out exec_in "$c" echo exec-works)
-  assert_eq exec-works "$got" "ctr tasks exec output"
-  rc=0; run exec_in "$c" sh -c 'exit 7' || rc=$?
-  assert_eq 7 "$rc" "ctr tasks exec exit status"
+  assert_exec_works "$c" "ctr tasks"
   must c_ tasks pause "$c"
   assert_eq PAUSED "$(task_status "$c")" "task status after pause"
   must c_ tasks resume "$c"

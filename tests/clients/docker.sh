@@ -41,14 +41,11 @@ start_counter() {  # NAME
 }
 
 flow_run() {
-  local c=${NAME_PREFIX}dk-run got rc
+  local c=${NAME_PREFIX}dk-run got
   start_counter "$c"
   assert_eq "$RUNTIME_NAME" "$(dk inspect --format '{{.HostConfig.Runtime}}' "$c")" "runtime of $c"
   wait_for 20 "counter of $c reaches 3" counter_ge "$c" 3
-  got=$(out exec_in "$c" echo exec-works)
-  assert_eq exec-works "$got" "docker exec output"
-  rc=0; run exec_in "$c" sh -c 'exit 7' || rc=$?
-  assert_eq 7 "$rc" "docker exec exit status"
+  assert_exec_works "$c" "docker"
   got=$(out dk logs "$c")
   got=${got%%$'\n'*}   # first line (no `| head`: with pipefail its SIGPIPE would fail the flow)
   assert_eq 1 "$got" "first line of docker logs"

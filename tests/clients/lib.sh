@@ -83,6 +83,16 @@ assert_int() {  # VALUE WHAT
 }
 
 # wait_for SECONDS WHAT CMD...: poll CMD until it succeeds, or fail the flow.
+# assert_exec_works NAME WHAT: exec in NAME prints its output and returns its exit status
+# (exec_in is the client script's own).
+assert_exec_works() {
+  local got rc=0
+  got=$(out exec_in "$1" echo exec-works)
+  assert_eq exec-works "$got" "$2 exec output"
+  run exec_in "$1" sh -c 'exit 7' || rc=$?
+  assert_eq 7 "$rc" "$2 exec exit status"
+}
+
 wait_for() {
   local secs=$1 what=$2
   shift 2
