@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use cryo_cgroup::{FreezeGuard, Freezer};
 use oci_spec::runtime::Spec;
 
-use crate::criu::{CallKind, CriuCall, CriuClient, CriuError, Features, Notification};
+use crate::criu::{rpc, CallKind, CriuCall, CriuClient, CriuError, Features, Notification};
 use crate::flags::{self, DumpFlags, FlagError};
-use crate::manifest::{Manifest, OpenFileRecord, RootfsRecord, Timings, FORMAT};
+use crate::manifest::{Manifest, OpenFileRecord, PagesRecord, RootfsRecord, Timings, FORMAT};
+use crate::page_receiver::{staging, PageReceiver};
 use crate::plan::{dump_plan, DumpPlan, PlanError};
 use crate::rootfs::{self, RootfsKind};
 use crate::{descriptors, facts};
@@ -71,6 +72,9 @@ pub struct DumpRequest {
     pub snapshot: SnapshotMode,
     /// `--compress-pages`: zstd the page images after the thaw ([`crate::pages`]).
     pub compress_pages: bool,
+    /// Receive the pages from CRIU into images faulted in before the freeze
+    /// ([`crate::page_receiver`]); off: CRIU writes them itself (`--no-page-staging`).
+    pub stage_pages: bool,
     /// How long the freeze may take.
     pub freeze_timeout: Duration,
 }
@@ -148,12 +152,25 @@ pub fn checkpoint(
         kind == CallKind::Dump && !req.flags.leave_running && req.flags.common.tcp_established;
     opts.set_leave_running(!criu_kills);
     let log = req.work_dir.join(kind.log_name());
+    let mut extra_fds = Vec::new();
+    let receiver = if receives_pages(req, kind) {
+        let pids = facts::cgroup_pids(freezer.path());
+        let (receiver, criu_end) = PageReceiver::start(&req.image_dir, staging::estimate(&pids))
+            .map_err(|e| fail("starting the page receiver", e))?;
+        let mut ps = rpc::Criu_page_server_info::new();
+        ps.set_fd(CriuCall::extra_fd_number(extra_fds.len()));
+        opts.ps = protobuf::MessageField::some(ps);
+        extra_fds.push(criu_end);
+        Some(receiver)
+    } else {
+        None
+    };
     let call = CriuCall {
         kind,
         opts,
         images_dir: req.image_dir.clone(),
         work_dir: req.work_dir.clone(),
-        extra_fds: Vec::new(),
+        extra_fds,
         inherit_stdio: false,
     };
 
@@ -166,11 +183,17 @@ pub fn checkpoint(
     let mut frozen: Option<(FreezeGuard<'_>, Instant, f64)> = None;
     let mut frozen_err: Option<DumpError> = None;
     let mut open_files = Vec::new();
+    let mut staging_wait_ms = 0.0;
     let status_fd = req.flags.status_fd;
     let result = {
         let mut on_notify = |n: Notification<'_>| -> Result<(), String> {
             match n.script {
                 "pre-dump" if frozen.is_none() => {
+                    if let Some(r) = &receiver {
+                        let t = Instant::now();
+                        r.wait_staged(req.freeze_timeout);
+                        staging_wait_ms = ms(t.elapsed());
+                    }
                     let t = Instant::now();
                     let g = FreezeGuard::freeze(freezer, req.freeze_timeout).map_err(|e| {
                         let msg = e.to_string();
@@ -279,6 +302,7 @@ pub fn checkpoint(
         freeze_ms,
         rootfs_capture_ms,
         dump_ms,
+        staging_wait_ms,
         ..Default::default()
     };
     if !stop {
@@ -289,6 +313,19 @@ pub fn checkpoint(
         timings.frozen_ms = ms(t_freeze.elapsed());
     }
     // ---- after the thaw (or, when stopping, still frozen: nothing is lost if this fails) ----
+    // CRIU answered only after the receiver had copied every page: the container may run.
+    let pages = match receiver {
+        Some(r) => {
+            let s = r
+                .finish()
+                .map_err(|e| fail("receiving the page images", e))?;
+            Some(PagesRecord {
+                received_bytes: s.bytes,
+                staged_bytes: s.staged_bytes,
+            })
+        }
+        None => None,
+    };
     // CRIU's images go to disk while the changeset is compressed: the final syncfs then
     // has little left to write.
     let flushed = std::thread::scope(|scope| -> Result<(), DumpError> {
@@ -342,6 +379,7 @@ pub fn checkpoint(
         devshm,
         open_files,
         compressed_pages,
+        pages,
         timings,
     };
     manifest
@@ -359,6 +397,16 @@ pub fn checkpoint(
         manifest: Some(manifest),
         stopped: stop,
     })
+}
+
+/// Whether cryo receives the pages itself: for a full dump whose pages stay local (not lazy,
+/// not sent to a page server of the caller's, not deduplicated against a parent image).
+fn receives_pages(req: &DumpRequest, kind: CallKind) -> bool {
+    req.stage_pages
+        && kind == CallKind::Dump
+        && !req.flags.common.lazy_pages
+        && req.flags.page_server.is_none()
+        && req.flags.parent_path.is_none()
 }
 
 /// What a failed checkpoint left: the container as it was before.

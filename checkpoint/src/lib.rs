@@ -6,6 +6,7 @@ pub mod dump;
 pub mod facts;
 pub mod flags;
 pub mod manifest;
+pub mod page_receiver;
 pub mod pages;
 pub mod plan;
 pub mod restore;

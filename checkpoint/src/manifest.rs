@@ -28,6 +28,9 @@ pub struct Timings {
     pub frozen_ms: f64,
     /// Compressing the rootfs snapshot (after the thaw).
     pub compress_ms: f64,
+    /// Waiting, before the freeze, for the page images to be faulted in.
+    #[serde(default)]
+    pub staging_wait_ms: f64,
     /// The whole verb until durable.
     pub total_ms: f64,
 }
@@ -103,8 +106,20 @@ pub struct Manifest {
     /// Page images stored zstd-compressed as `<name>.zst` (`--compress-pages`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compressed_pages: Vec<String>,
+    /// What cryo's page receiver took in, when it (not CRIU) wrote the page images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<PagesRecord>,
     /// Step timings.
     pub timings: Timings,
+}
+
+/// The page receiver's account ([`crate::page_receiver`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PagesRecord {
+    /// Bytes of pages received from CRIU.
+    pub received_bytes: u64,
+    /// Of those, bytes that landed in pages faulted in before the freeze.
+    pub staged_bytes: u64,
 }
 
 /// Reading a manifest failed.
@@ -206,6 +221,10 @@ mod tests {
             devshm: None,
             open_files: vec![],
             compressed_pages: Vec::new(),
+            pages: Some(PagesRecord {
+                received_bytes: 8192,
+                staged_bytes: 4096,
+            }),
             timings: Timings::default(),
         }
     }

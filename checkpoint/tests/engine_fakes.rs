@@ -83,6 +83,8 @@ fn setup(name: &str, initial: &str) -> (PathBuf, DumpRequest) {
         },
         snapshot: SnapshotMode::Auto,
         compress_pages: false,
+        // The fake CRIU does not speak the page-server protocol.
+        stage_pages: false,
         freeze_timeout: Duration::from_secs(1),
     };
     (dir, req)

@@ -320,6 +320,10 @@ pub struct CheckpointArgs {
     /// restore them, and not with --lazy-pages.
     #[arg(long = "compress-pages")]
     pub compress_pages: bool,
+    /// Let CRIU write the page images itself inside the freeze (as runc does) instead of
+    /// cryo receiving them into images prepared before the freeze.
+    #[arg(long = "no-page-staging")]
+    pub no_page_staging: bool,
     /// iptables, nftables or skip.
     #[arg(long = "network-lock")]
     pub network_lock: Option<String>,

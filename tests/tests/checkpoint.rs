@@ -34,6 +34,30 @@ fn run_and_checkpoint(rt: &Runtime, b: &Bundle, id: &str, flags: &[&str]) -> (Pa
     (img, last)
 }
 
+/// The page images came through cryo's receiver, mostly into pages staged before the freeze
+/// (the shell's 1 MB string among them), and no staging file is left in the image.
+fn assert_pages_received_by_cryo(img: &Path) {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(img.join("cryo-manifest.json")).unwrap()).unwrap();
+    let pages = &manifest["pages"];
+    let received = pages["received_bytes"].as_u64().unwrap_or(0);
+    let staged = pages["staged_bytes"].as_u64().unwrap_or(0);
+    assert!(received >= 1_000_000, "pages: {pages}");
+    assert!(
+        staged * 2 >= received,
+        "most pages should land staged: {pages}"
+    );
+    let names: Vec<String> = std::fs::read_dir(img)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("pagemap-")), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with(".cryo-pages")),
+        "{names:?}"
+    );
+}
+
 /// `restore --detach [extra] --bundle B --image-path IMG ID`.
 fn restore_args<'a>(b: &'a Bundle, img: &'a Path, id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["restore", "--detach"];
@@ -65,6 +89,7 @@ fn checkpoint_stops_and_restore_continues_counter_and_memory_on_new_pipes() {
     let before = lines.drain(Duration::from_secs(5));
     let last = before.last().map(|l| count(l)).unwrap_or(seen);
     assert!(img.join("cryo-manifest.json").exists() && img.join("descriptors.json").exists());
+    assert_pages_received_by_cryo(&img);
     let restored = rt.spawn_with_pipe(&[
         "restore",
         "--detach",
@@ -89,6 +114,23 @@ fn checkpoint_stops_and_restore_continues_counter_and_memory_on_new_pipes() {
     rt.ok(&["kill", &id2, "KILL"]);
     std::thread::sleep(Duration::from_millis(300));
     rt.ok(&["delete", &id2]);
+}
+
+#[test]
+fn without_page_staging_criu_writes_the_pages_and_restore_continues() {
+    let rt = Runtime::cryo();
+    let b = Bundle::busybox(WORKLOAD);
+    let (id, id2) = (unique("nostage"), unique("nostage-r"));
+    let (_g, _g2) = (rt.guard(&id), rt.guard(&id2));
+    let (img, last) = run_and_checkpoint(&rt, &b, &id, &["--no-page-staging"]);
+    let manifest = std::fs::read_to_string(img.join("cryo-manifest.json")).unwrap();
+    assert!(!manifest.contains("received_bytes"), "{manifest}");
+    let restored = rt.spawn_with_pipe(&restore_args(&b, &img, &id2, &[]));
+    let first = restored
+        .next(Duration::from_secs(10))
+        .expect("no output after restore");
+    assert_eq!(count(&first), last + 1);
+    assert!(first.ends_with(" 1000000"), "memory lost: {first}");
 }
 
 #[test]

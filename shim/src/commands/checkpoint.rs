@@ -90,6 +90,7 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         },
         snapshot,
         compress_pages: a.compress_pages,
+        stage_pages: !a.no_page_staging,
         freeze_timeout: FREEZE_TIMEOUT,
     };
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;

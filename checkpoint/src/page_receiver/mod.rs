@@ -1,0 +1,104 @@
+//! cryo's own page receiver: CRIU sends the container's pages to cryo instead of writing them
+//! itself, so that the costly part of writing them happens outside the freeze.
+//!
+//! CRIU can dump pages to a page server over a socket it is handed (`criu_opts.ps.fd`). cryo
+//! passes one end of a socketpair and serves the other in a thread. Before the freeze, while
+//! CRIU starts up, that thread creates each task's pages image in the image dir, sized from
+//! the task's resident anonymous memory, and faults it in ([`staging`]). Inside the freeze
+//! CRIU splices the pages into the socket (no copy) and the thread copies them straight into
+//! those pre-faulted pages: one copy, no allocation. The images are plain CRIU images
+//! (`pagemap-*.img` + `pages-*.img`, byte for byte what CRIU writes), so runc and `crit` read
+//! them as before.
+
+pub mod protocol;
+pub mod session;
+pub mod staging;
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub use session::{Session, Summary};
+pub use staging::Estimate;
+
+/// Socket buffers big enough that CRIU rarely waits for the copy (the data in them are
+/// references to the frozen container's pages, not copies).
+const SOCKET_BUFFER: usize = 16 << 20;
+
+/// A running receiver.
+#[derive(Debug)]
+pub struct PageReceiver {
+    thread: Option<JoinHandle<Result<Session, String>>>,
+    staged: mpsc::Receiver<()>,
+}
+
+impl PageReceiver {
+    /// Start receiving into `image_dir`, staging the given tasks' images first. Returns the
+    /// receiver and the socket end to hand CRIU.
+    pub fn start(image_dir: &Path, estimates: Vec<Estimate>) -> Result<(Self, OwnedFd), String> {
+        let (mut ours, theirs) =
+            UnixStream::pair().map_err(|e| format!("socketpair for CRIU's pages: {e}"))?;
+        enlarge_buffers(&ours, &theirs);
+        let (staged_tx, staged) = mpsc::channel();
+        let dir = image_dir.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("cryo-pages".into())
+            .spawn(move || {
+                let mut session = Session::new(&dir);
+                for e in estimates {
+                    if let Err(err) = session.stage(e.vpid, e.bytes) {
+                        tracing::debug!("staging the pages of task {}: {err}", e.vpid);
+                    }
+                }
+                let _ = staged_tx.send(());
+                session.serve(&mut ours)?;
+                Ok(session)
+            })
+            .map_err(|e| format!("starting the page receiver: {e}"))?;
+        let receiver = Self {
+            thread: Some(thread),
+            staged,
+        };
+        Ok((receiver, theirs.into()))
+    }
+
+    /// Wait (at most `limit`) until the staged images are faulted in: call just before the
+    /// freeze, so that the container, not the freeze, waits for the staging.
+    pub fn wait_staged(&self, limit: Duration) {
+        let _ = self.staged.recv_timeout(limit);
+    }
+
+    /// Wait for the end of the stream and give the images their final names. On an error the
+    /// receiver's files are removed.
+    pub fn finish(mut self) -> Result<Summary, String> {
+        let thread = self
+            .thread
+            .take()
+            .ok_or("the page receiver already ended")?;
+        thread
+            .join()
+            .map_err(|_| "the page receiver panicked".to_string())??
+            .finish()
+    }
+}
+
+impl Drop for PageReceiver {
+    /// An unfinished receiver (the dump failed) ends when CRIU's end of the socket closes;
+    /// joining it removes its files.
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn enlarge_buffers(ours: &UnixStream, theirs: &UnixStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    // Root may exceed the sysctl limits (the *Force options); an unprivileged caller simply
+    // keeps the defaults.
+    let _ = setsockopt(theirs, sockopt::SndBufForce, &SOCKET_BUFFER);
+    let _ = setsockopt(ours, sockopt::RcvBufForce, &SOCKET_BUFFER);
+}

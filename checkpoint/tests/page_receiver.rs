@@ -1,0 +1,197 @@
+//! cryo's page receiver against a fake CRIU speaking the dump side of the page-server
+//! protocol: the images it leaves are what CRIU would have written, and a broken stream
+//! leaves nothing behind.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use cryo_checkpoint::page_receiver::protocol::{
+    self, encode, Command, Dest, PAGE_SIZE, PE_PARENT, PE_PRESENT,
+};
+use cryo_checkpoint::page_receiver::{Estimate, PageReceiver};
+
+/// A page whose bytes tell which task and page they are.
+fn page(task: u8, n: u64) -> Vec<u8> {
+    let mut p = vec![task; PAGE_SIZE as usize];
+    p[..8].copy_from_slice(&n.to_le_bytes());
+    p
+}
+
+/// What CRIU does for one pagemap: open (and read the "has parent" byte), then add runs.
+fn send_pagemap(sk: &mut UnixStream, dest: Dest, runs: &[(u64, u64, u32)], task: u8) {
+    sk.write_all(&encode(
+        Command::Open {
+            dest: Some(dest),
+            reply: true,
+        },
+        dest.encode(),
+    ))
+    .unwrap();
+    let mut has_parent = [9u8];
+    sk.read_exact(&mut has_parent).unwrap();
+    assert_eq!(has_parent, [0], "the receiver has no parent image");
+    let mut n = 0;
+    for &(vaddr, nr_pages, flags) in runs {
+        let add = Command::Add {
+            vaddr,
+            nr_pages,
+            flags,
+        };
+        sk.write_all(&encode(add, dest.encode())).unwrap();
+        if flags & PE_PRESENT != 0 {
+            for _ in 0..nr_pages {
+                sk.write_all(&page(task, n)).unwrap();
+                n += 1;
+            }
+        }
+    }
+}
+
+fn expected_pagemap(pages_id: u32, runs: &[(u64, u64, u32)]) -> Vec<u8> {
+    let mut img = protocol::pagemap_head(pages_id);
+    for &(vaddr, nr, flags) in runs {
+        protocol::push_pagemap_entry(&mut img, vaddr, nr, flags);
+    }
+    img
+}
+
+fn expected_pages(task: u8, count: u64) -> Vec<u8> {
+    (0..count).flat_map(|n| page(task, n)).collect()
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn images_match_what_criu_writes_staged_overflowing_and_unstaged() {
+    let dir = tempfile::tempdir().unwrap();
+    // Task 1 is staged for 2 pages but sends 5 (the overflow is written unstaged); task 9 is
+    // staged but never sent; task 3 and the shmem segment were not expected at all.
+    let estimates = vec![
+        Estimate {
+            vpid: 1,
+            bytes: 2 * PAGE_SIZE,
+        },
+        Estimate {
+            vpid: 9,
+            bytes: 4 * PAGE_SIZE,
+        },
+    ];
+    let (receiver, criu_end) = PageReceiver::start(dir.path(), estimates).unwrap();
+    receiver.wait_staged(std::time::Duration::from_secs(5));
+    let mut sk = UnixStream::from(criu_end);
+    let t1 = [
+        (0x40_0000, 3, PE_PRESENT),
+        (0x50_0000, 1, PE_PARENT),
+        (0x7f00_0000, 2, PE_PRESENT),
+    ];
+    let t3 = [(0x1000, 1, PE_PRESENT)];
+    let shm = [(0, 2, PE_PRESENT)];
+    send_pagemap(&mut sk, Dest::Task(1), &t1, 1);
+    send_pagemap(&mut sk, Dest::Task(3), &t3, 3);
+    send_pagemap(&mut sk, Dest::Shmem(77), &shm, 7);
+    sk.write_all(&encode(Command::Close, 0)).unwrap();
+    let mut status = [1u8; 4];
+    sk.read_exact(&mut status).unwrap();
+    assert_eq!(i32::from_ne_bytes(status), 0);
+
+    let summary = receiver.finish().unwrap();
+    assert_eq!(summary.bytes, 8 * PAGE_SIZE);
+    assert_eq!(
+        summary.staged_bytes,
+        2 * PAGE_SIZE,
+        "only task 1's first 2 pages were staged"
+    );
+    assert_eq!(summary.pagemaps, 3);
+    let read = |n: &str| std::fs::read(dir.path().join(n)).unwrap();
+    assert_eq!(read("pagemap-1.img"), expected_pagemap(1, &t1));
+    assert_eq!(read("pages-1.img"), expected_pages(1, 5));
+    assert_eq!(read("pagemap-3.img"), expected_pagemap(2, &t3));
+    assert_eq!(read("pages-2.img"), expected_pages(3, 1));
+    assert_eq!(read("pagemap-shmem-77.img"), expected_pagemap(3, &shm));
+    assert_eq!(read("pages-3.img"), expected_pages(7, 2));
+    assert_eq!(
+        names(dir.path()),
+        [
+            "pagemap-1.img",
+            "pagemap-3.img",
+            "pagemap-shmem-77.img",
+            "pages-1.img",
+            "pages-2.img",
+            "pages-3.img"
+        ],
+        "no staging file is left"
+    );
+}
+
+#[test]
+fn a_stream_cut_short_fails_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (receiver, criu_end) = PageReceiver::start(
+        dir.path(),
+        vec![Estimate {
+            vpid: 1,
+            bytes: 4 * PAGE_SIZE,
+        }],
+    )
+    .unwrap();
+    let mut sk = UnixStream::from(criu_end);
+    send_pagemap(&mut sk, Dest::Task(1), &[(0x40_0000, 2, PE_PRESENT)], 1);
+    // CRIU dies half-way through a run of pages.
+    sk.write_all(&encode(
+        Command::Add {
+            vaddr: 0x41_0000,
+            nr_pages: 4,
+            flags: PE_PRESENT,
+        },
+        0,
+    ))
+    .unwrap();
+    sk.write_all(&page(1, 0)).unwrap();
+    drop(sk);
+    let err = receiver.finish().unwrap_err();
+    assert!(err.contains("receiving pages from CRIU"), "{err}");
+    assert!(
+        names(dir.path()).is_empty(),
+        "left behind: {:?}",
+        names(dir.path())
+    );
+}
+
+#[test]
+fn a_request_the_receiver_does_not_serve_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (receiver, criu_end) = PageReceiver::start(dir.path(), Vec::new()).unwrap();
+    let mut sk = UnixStream::from(criu_end);
+    // PS_IOV_GET: a lazy-pages request, not part of a dump.
+    sk.write_all(&encode(Command::Other(7), 0)).unwrap();
+    let err = receiver.finish().unwrap_err();
+    assert!(err.contains("0x7") && err.contains("lazy pages"), "{err}");
+    assert!(names(dir.path()).is_empty());
+}
+
+#[test]
+fn dropping_an_unfinished_receiver_removes_its_staging() {
+    let dir = tempfile::tempdir().unwrap();
+    let (receiver, criu_end) = PageReceiver::start(
+        dir.path(),
+        vec![Estimate {
+            vpid: 1,
+            bytes: 16 * PAGE_SIZE,
+        }],
+    )
+    .unwrap();
+    receiver.wait_staged(std::time::Duration::from_secs(5));
+    assert_eq!(names(dir.path()), [".cryo-pages-1.tmp"]);
+    drop(criu_end); // CRIU never started
+    drop(receiver);
+    assert!(names(dir.path()).is_empty());
+}
