@@ -9,6 +9,7 @@ pub mod manifest;
 pub mod page_receiver;
 pub mod pages;
 pub mod plan;
+pub mod prefault;
 pub mod restore;
 pub mod rootfs;
 pub mod signals;

@@ -20,8 +20,12 @@ pub const FORMAT: &str = "cryo.checkpoint/v1";
 pub struct Timings {
     /// Freezing the cgroup.
     pub freeze_ms: f64,
-    /// Capturing the rootfs changes (inside the freeze).
+    /// Capturing the rootfs changes (inside the freeze, beside CRIU's dump unless
+    /// `--link-remap`).
     pub rootfs_capture_ms: f64,
+    /// How long the freeze waited for the rootfs capture (and /dev/shm) after CRIU's dump.
+    #[serde(default)]
+    pub rootfs_wait_ms: f64,
     /// CRIU dump (inside the freeze).
     pub dump_ms: f64,
     /// From freeze start to thaw: what the application saw.

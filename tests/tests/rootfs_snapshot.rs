@@ -49,6 +49,13 @@ fn overlay_changes_are_restored_into_a_fresh_overlay() {
         .status()
         .unwrap();
     assert!(st.success(), "mknod failed");
+    // The tree as the container leaves it: paused, so it is exactly what the checkpoint
+    // freezes. (After the checkpoint it would differ by CRIU's own doing: CRIU makes and
+    // removes a directory in /tmp while it dumps, which is not the container's and is not
+    // in the snapshot.)
+    rt.ok(&["pause", &id]);
+    let before = tree_digest(&a.rootfs());
+    let app_log_at_checkpoint = std::fs::read_to_string(a.rootfs().join("root/app.log")).unwrap();
     let img = a.dir.join("img");
     rt.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), &id]);
     assert!(
@@ -58,8 +65,6 @@ fn overlay_changes_are_restored_into_a_fresh_overlay() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(img.join("cryo-manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["rootfs"]["kind"], "overlay");
-    let before = tree_digest(&a.rootfs());
-    let app_log_at_checkpoint = std::fs::read_to_string(a.rootfs().join("root/app.log")).unwrap();
 
     let b = Bundle::overlay(&lower, &["sh", "-c", CHANGES]);
     assert!(

@@ -1,16 +1,14 @@
 //! Page images prepared before the freeze.
 //!
-//! On a VM, and on any machine under memory pressure, the costly part of writing a page image
-//! is not the copy but getting fresh page-cache pages (allocation, zeroing, and on this
-//! project's VMs the hypervisor backing each guest page anew). CRIU does all of that while
-//! the container is frozen. cryo sizes each task's pages image from its resident anonymous
-//! memory, maps it and faults every page in writable (`MADV_POPULATE_WRITE`) while the
-//! container still runs, so inside the freeze the pages are only copied.
+//! CRIU allocates the page cache of its page images while the container is frozen. cryo
+//! sizes each task's pages image from its resident anonymous memory and faults it in
+//! ([`crate::prefault`]) while the container still runs, so inside the freeze the pages
+//! are only copied.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use memmap2::{Advice, MmapMut};
+use memmap2::MmapMut;
 
 use super::protocol::PAGE_SIZE;
 
@@ -108,26 +106,12 @@ pub fn create(dir: &Path, key: &str) -> Result<PagesFile, String> {
 /// map or populate it, the file is returned unstaged (correct, only without the head start).
 pub fn stage(dir: &Path, key: &str, bytes: u64) -> Result<PagesFile, String> {
     let mut pf = create(dir, key)?;
-    if bytes == 0 {
-        return Ok(pf);
-    }
-    pf.file
-        .set_len(bytes)
-        .map_err(|e| format!("size {}: {e}", pf.path.display()))?;
-    // SAFETY: the file was just created by us under a name no one else uses, and it is not
-    // truncated while mapped (PagesFile::finish drops the map before set_len).
-    let mapped = unsafe { MmapMut::map_mut(&pf.file) };
-    match mapped {
-        Ok(map) if map.advise(Advice::PopulateWrite).is_ok() => pf.map = Some(map),
-        Ok(_) | Err(_) => {
-            tracing::debug!(
-                "{}: cannot pre-fault, receiving unstaged",
-                pf.path.display()
-            );
-            pf.file
-                .set_len(0)
-                .map_err(|e| format!("truncate {}: {e}", pf.path.display()))?;
-        }
+    pf.map = crate::prefault::map_prefaulted(&pf.file, bytes);
+    if pf.map.is_none() && bytes > 0 {
+        tracing::debug!(
+            "{}: cannot pre-fault, receiving unstaged",
+            pf.path.display()
+        );
     }
     Ok(pf)
 }

@@ -1,10 +1,11 @@
 //! Writing the changeset. This runs inside the freeze window, so it is one pass over the
-//! tree, buffered, uncompressed and not synced (the zstd copy made after the thaw is).
+//! tree, buffered, uncompressed and not synced (the zstd copy made after the thaw is), into
+//! a file measured and faulted in before the freeze ([`prepare_capture`]).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, File, Metadata};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,31 @@ pub struct CaptureOptions {
     /// fsync the archive before returning (off by default: inside the freeze window the raw
     /// file only has to outlive the compression that follows, which syncs its output).
     pub sync: bool,
+    /// The capture runs while CRIU dumps: see [`FrozenTop`].
+    pub during_dump: Option<FrozenTop>,
+}
+
+/// What CRIU itself may change in the upper dir while it dumps, as it was when the container
+/// froze. To reach overmounted tmpfs mounts CRIU makes and removes `/tmp/cr-tmpfs.XXXXXX`
+/// (or `/cr-tmpfs.XXXXXX` without a /tmp) in the container's root, which copies /tmp up and
+/// touches its mtime. A capture running beside CRIU leaves those names out and describes
+/// /tmp as it was at the freeze, so the snapshot is the container's tree, not CRIU's.
+#[derive(Debug, Clone)]
+pub struct FrozenTop {
+    /// `<upper>/tmp` at the freeze (`None`: /tmp was not in the upper dir).
+    tmp: Option<Metadata>,
+}
+
+/// CRIU's temporary directories (criu/mount.c, get_clean_fd).
+const CRIU_TEMP_PREFIX: &str = "cr-tmpfs.";
+
+impl FrozenTop {
+    /// Record it: call once the container is frozen and before CRIU dumps.
+    pub fn record(upper: &Path) -> Self {
+        Self {
+            tmp: fs::symlink_metadata(upper.join("tmp")).ok(),
+        }
+    }
 }
 
 /// What a capture wrote.
@@ -45,13 +71,70 @@ pub struct CaptureReport {
     pub elapsed: Duration,
 }
 
+/// Trees with more entries than this are not measured ahead: the walk would cost more than
+/// faulting the file in saves.
+const PREPARE_MAX_ENTRIES: u64 = 20_000;
+
 /// Capture the overlay upper dir `upper` into an uncompressed tar at `out` (see the module
 /// docs for the format). Run it while the container is frozen.
 pub fn capture_upper(upper: &Path, out: &Path, opts: &CaptureOptions) -> Result<CaptureReport> {
-    let start = Instant::now();
     let file = File::create(out).map_err(io_err("create", out))?;
+    capture_upper_into(upper, file, out, opts)
+}
+
+/// Before the freeze: create `out` sized for a capture of `upper` as it is now, with its page
+/// cache faulted in ([`crate::prefault`]), for [`capture_upper_into`]. `None` when the tree
+/// is too large to measure quickly or the file system cannot pre-fault (capture then creates
+/// the file itself).
+pub fn prepare_capture(upper: &Path, out: &Path) -> Option<File> {
+    let mut entries = 0;
+    let bytes = archive_estimate(upper, &mut entries)?;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(out)
+        .ok()?;
+    // Slack for what the container writes before the freeze; writing past it only costs
+    // the allocation the preparation saves.
+    let size = (bytes + bytes / 16 + (64 << 10)).div_ceil(4096) * 4096;
+    crate::prefault::map_prefaulted(&file, size).map(|_map| file)
+}
+
+/// Bytes a tar of the tree at `dir` takes: a header block (plus room for long names and
+/// xattrs) per entry and the data blocks of regular files, holes excluded.
+fn archive_estimate(dir: &Path, entries: &mut u64) -> Option<u64> {
+    let mut bytes = 0;
+    for e in fs::read_dir(dir).ok()? {
+        let e = e.ok()?;
+        *entries += 1;
+        if *entries > PREPARE_MAX_ENTRIES {
+            return None;
+        }
+        let md = e.metadata().ok()?;
+        bytes += 1536;
+        if md.is_dir() {
+            bytes += archive_estimate(&e.path(), entries)?;
+        } else if md.is_file() {
+            bytes += md.size().min(md.blocks() * 512).div_ceil(512) * 512;
+        }
+    }
+    Some(bytes)
+}
+
+/// [`capture_upper`] into an open file (from [`prepare_capture`]): written from its start and
+/// cut to what was written.
+pub fn capture_upper_into(
+    upper: &Path,
+    file: File,
+    out: &Path,
+    opts: &CaptureOptions,
+) -> Result<CaptureReport> {
+    let start = Instant::now();
     let mut w = Walker {
         tar: Builder::new(BufWriter::with_capacity(1 << 20, file)),
+        during_dump: opts.during_dump.clone(),
         overlay: !opts.plain,
         links: HashMap::new(),
         report: CaptureReport::default(),
@@ -59,11 +142,13 @@ pub fn capture_upper(upper: &Path, out: &Path, opts: &CaptureOptions) -> Result<
     };
     w.walk(upper, Path::new(""))?;
     let inner = w.tar.into_inner().map_err(io_err("finish", out))?;
-    let file = inner.into_inner().map_err(|e| RootfsError::Io {
+    let mut file = inner.into_inner().map_err(|e| RootfsError::Io {
         step: "flush",
         path: out.to_path_buf(),
         source: e.into_error(),
     })?;
+    let written = file.stream_position().map_err(io_err("finish", out))?;
+    file.set_len(written).map_err(io_err("truncate", out))?;
     if opts.sync {
         file.sync_all().map_err(io_err("sync", out))?;
     }
@@ -80,17 +165,29 @@ pub fn capture_dir(dir: &Path, out: &Path) -> Result<CaptureReport> {
         &CaptureOptions {
             plain: true,
             sync: false,
+            during_dump: None,
         },
     )
 }
 
 struct Walker<W: Write> {
     tar: Builder<W>,
+    during_dump: Option<FrozenTop>,
     overlay: bool,
     /// First archive path of every multiply-linked inode seen, by (dev, ino).
     links: HashMap<(u64, u64), PathBuf>,
     report: CaptureReport,
     buf: Vec<u8>,
+}
+
+/// Where an entry's metadata comes from.
+enum FrozenView {
+    /// The tree as it is.
+    Live,
+    /// As recorded at the freeze.
+    Recorded(Metadata),
+    /// Not the container's: left out.
+    Skip,
 }
 
 /// Extended attributes of one entry, split into what travels and what overlay means by them.
@@ -112,10 +209,36 @@ impl<W: Write> Walker<W> {
         for name in names {
             let host = dir.join(&name);
             let rel = rel.join(&name);
-            let md = fs::symlink_metadata(&host).map_err(io_err("stat", &host))?;
+            let md = match self.frozen_view(&rel) {
+                FrozenView::Live => fs::symlink_metadata(&host).map_err(io_err("stat", &host))?,
+                FrozenView::Recorded(md) => md,
+                FrozenView::Skip => continue,
+            };
             self.entry(&host, &rel, &name, &md)?;
         }
         Ok(())
+    }
+
+    /// How a capture beside CRIU sees `rel` ([`FrozenTop`]).
+    fn frozen_view(&self, rel: &Path) -> FrozenView {
+        let Some(top) = &self.during_dump else {
+            return FrozenView::Live;
+        };
+        let criu_temp = |p: &Path| {
+            p.file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(CRIU_TEMP_PREFIX.as_bytes()))
+        };
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        if criu_temp(rel) && (parent == Path::new("") || parent == Path::new("tmp")) {
+            return FrozenView::Skip;
+        }
+        if rel == Path::new("tmp") {
+            return match &top.tmp {
+                Some(md) => FrozenView::Recorded(md.clone()),
+                None => FrozenView::Skip,
+            };
+        }
+        FrozenView::Live
     }
 
     fn entry(&mut self, host: &Path, rel: &Path, name: &OsString, md: &Metadata) -> Result<()> {
@@ -334,4 +457,100 @@ fn header(md: &Metadata) -> Header {
     }
     h.set_size(0);
     h
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn archive_entries(path: &Path) -> Vec<(String, u64)> {
+        let mut a = tar::Archive::new(File::open(path).unwrap());
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let p = e.path().unwrap().to_string_lossy().into_owned();
+                (p, e.header().mtime().unwrap())
+            })
+            .collect()
+    }
+
+    /// What CRIU does in the tree while a capture runs beside it stays out of the snapshot:
+    /// its temporary directories, and its touch of /tmp's mtime.
+    #[test]
+    fn a_capture_beside_criu_sees_the_tree_as_frozen() {
+        let upper = tempfile::tempdir().unwrap();
+        let tmp = upper.path().join("tmp");
+        fs::create_dir(&tmp).unwrap();
+        fs::write(tmp.join("app.sock.lock"), b"x").unwrap();
+        let old = filetime_secs(&tmp, 1_000_000);
+        let top = FrozenTop::record(upper.path());
+        // CRIU, after the freeze: a temporary dir in /tmp (and one at the root), /tmp touched.
+        fs::create_dir(tmp.join("cr-tmpfs.AbC123")).unwrap();
+        fs::create_dir(upper.path().join("cr-tmpfs.XyZ789")).unwrap();
+        assert_ne!(fs::metadata(&tmp).unwrap().mtime(), old);
+        let out = upper.path().join("../beside.tar");
+        let opts = CaptureOptions {
+            during_dump: Some(top),
+            ..CaptureOptions::default()
+        };
+        capture_upper(upper.path(), &out, &opts).unwrap();
+        let entries = archive_entries(&out);
+        let names: Vec<&str> = entries.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(names, ["tmp", "tmp/app.sock.lock"], "{entries:?}");
+        assert_eq!(entries[0].1, old as u64, "/tmp as it was at the freeze");
+        // A capture after the dump (or without CRIU) sees everything.
+        capture_upper(upper.path(), &out, &CaptureOptions::default()).unwrap();
+        assert_eq!(archive_entries(&out).len(), 4);
+        let _ = fs::remove_file(out);
+    }
+
+    /// A /tmp that was not in the upper dir at the freeze (CRIU copies it up) is left out.
+    #[test]
+    fn a_tmp_copied_up_by_criu_is_left_out() {
+        let upper = tempfile::tempdir().unwrap();
+        fs::write(upper.path().join("file"), b"data").unwrap();
+        let top = FrozenTop::record(upper.path());
+        fs::create_dir(upper.path().join("tmp")).unwrap();
+        let out = upper.path().join("../copied-up.tar");
+        let opts = CaptureOptions {
+            during_dump: Some(top),
+            ..CaptureOptions::default()
+        };
+        capture_upper(upper.path(), &out, &opts).unwrap();
+        let names: Vec<String> = archive_entries(&out).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(names, ["file"]);
+        let _ = fs::remove_file(out);
+    }
+
+    /// Set a path's mtime (whole seconds) and return it.
+    fn filetime_secs(p: &Path, secs: i64) -> i64 {
+        let t = nix::sys::time::TimeSpec::new(secs, 0);
+        nix::sys::stat::utimensat(
+            None,
+            p,
+            &t,
+            &t,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+        secs
+    }
+
+    #[test]
+    fn prepared_file_is_cut_to_the_archive() {
+        let upper = tempfile::tempdir().unwrap();
+        fs::write(upper.path().join("f"), vec![7u8; 10_000]).unwrap();
+        let out = upper.path().join("../prepared.tar");
+        let file = prepare_capture(upper.path(), &out).expect("a local fs can be prepared");
+        let prepared = file.metadata().unwrap().len();
+        let report =
+            capture_upper_into(upper.path(), file, &out, &CaptureOptions::default()).unwrap();
+        let len = fs::metadata(&out).unwrap().len();
+        assert!(len < prepared && len >= 10_000 + 512, "{len} of {prepared}");
+        assert_eq!(report.bytes, 10_000);
+        assert_eq!(archive_entries(&out).len(), 1);
+        let _ = fs::remove_file(out);
+    }
 }

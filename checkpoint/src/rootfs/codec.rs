@@ -14,7 +14,8 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// Compress the raw changeset `raw` into `out` with multi-threaded zstd at `level`, using
 /// `threads` worker threads (0: compress on the calling thread). Called after the container is
 /// thawed. The frame carries a checksum so corruption is caught at restore. Returns the size
-/// of `out`, which is synced to disk.
+/// of `out`. It is not synced here: the checkpoint syncs the image's file system once, at
+/// its end, together with everything else it wrote.
 pub fn compress_zstd(raw: &Path, out: &Path, level: i32, threads: u32) -> Result<u64> {
     let run = || -> Result<u64> {
         let mut input = File::open(raw).map_err(io_err("open", raw))?;
@@ -32,7 +33,6 @@ pub fn compress_zstd(raw: &Path, out: &Path, level: i32, threads: u32) -> Result
             path: out.to_path_buf(),
             source: e.into_error(),
         })?;
-        f.sync_all().map_err(io_err("sync", out))?;
         Ok(f.metadata().map_err(io_err("stat", out))?.len())
     };
     let res = run();

@@ -47,7 +47,10 @@ mod validate;
 mod verify;
 
 pub use apply::{apply_changeset, ApplyPolicy, ApplyReport};
-pub use capture::{capture_dir, capture_upper, CaptureOptions, CaptureReport};
+pub use capture::{
+    capture_dir, capture_upper, capture_upper_into, prepare_capture, CaptureOptions, CaptureReport,
+    FrozenTop,
+};
 pub use codec::{compress_zstd, open_changeset};
 pub use detect::{detect_rootfs, parse_mountinfo, MountInfo, RootfsKind};
 pub use verify::{collect_open_files, verify_open_files, OpenFile};
