@@ -30,7 +30,8 @@ pub struct Timings {
     pub dump_ms: f64,
     /// From freeze start to thaw: what the application saw.
     pub frozen_ms: f64,
-    /// Compressing the rootfs snapshot (after the thaw).
+    /// Compressing the rootfs snapshot (from the end of its capture, at the lowest CPU
+    /// priority; plus --compress-pages after the thaw).
     pub compress_ms: f64,
     /// Waiting, before the freeze, for the page images to be faulted in.
     #[serde(default)]

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cryo_tests::bundle::busybox_rootfs;
 use cryo_tests::runtime::freezer_state;
 use cryo_tests::{unique, Bundle, Runtime};
 
@@ -234,9 +235,13 @@ fn failed_checkpoints_leave_the_container_running_and_thawed() {
     intact("--rootfs-snapshot overlay on a directory rootfs");
     // A CRIU failure inside the freeze: an external unix socket CRIU refuses without
     // --ext-unix-sk is simplest to get with a host file on stdout, which CRIU cannot map.
+    // An overlay rootfs, so the rootfs capture (beside the dump) and the page receiver run
+    // and must clean up after CRIU fails.
     let id2 = unique("fail-criu");
     let _g2 = rt.guard(&id2);
-    let b2 = Bundle::busybox(WORKLOAD);
+    let lower = std::env::temp_dir().join(unique("cryo-lower"));
+    busybox_rootfs(&lower);
+    let b2 = Bundle::overlay(&lower, WORKLOAD);
     let host_file = b2.dir.join("out.txt");
     let f = std::fs::File::create(&host_file).unwrap();
     let st = rt
@@ -263,6 +268,19 @@ fn failed_checkpoints_leave_the_container_running_and_thawed() {
         !b2.dir.join("img/cryo-manifest.json").exists(),
         "a failed checkpoint must not look complete"
     );
+    let left: Vec<String> = std::fs::read_dir(b2.dir.join("img"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.starts_with("rootfs-diff") || n.starts_with("pages-") || n.starts_with(".cryo")
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "cryo's part of the failed image is left: {left:?}"
+    );
+    drop(b2);
+    let _ = std::fs::remove_dir_all(&lower);
 }
 
 #[test]

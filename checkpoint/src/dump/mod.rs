@@ -22,12 +22,6 @@ use upper::UpperCapture;
 /// Snapshot of a /dev/shm the client bind-mounts from the host (docker does), in the image dir.
 pub const DEVSHM_FILE: &str = "devshm.tar";
 
-/// zstd level of the rootfs changeset. A fast (negative) level: the changeset is compressed
-/// while the checkpoint's caller waits, and on this project's benchmark data (file contents
-/// half random, half zeros) `--fast=3` runs 3x faster than level 1 for the same size. Text
-/// compresses some 10-20% less well than at level 1.
-const CHANGESET_LEVEL: i32 = -3;
-
 /// Oldest CRIU this kernel works with (3.17 and 4.1 fail on Linux ≥ 6.16).
 pub const MIN_CRIU: u32 = 40200;
 
@@ -193,6 +187,7 @@ pub fn checkpoint(
         (Some(RootfsKind::Overlay { upper_dir, .. }), false) => Some(UpperCapture::prepare(
             upper_dir,
             &raw_changeset,
+            &req.image_dir.join(rootfs::COMPRESSED_CHANGESET),
             !req.flags.link_remap,
         )),
         _ => None,
@@ -359,15 +354,11 @@ pub fn checkpoint(
     // has little left to write.
     let flushed = std::thread::scope(|scope| -> Result<(), DumpError> {
         let flush = scope.spawn(|| flush_criu_images(&req.image_dir, req.compress_pages));
-        if let Some(raw) = rootfs_record.snapshot.clone() {
-            let t = Instant::now();
-            let raw_path = req.image_dir.join(&raw);
-            let zst = req.image_dir.join(rootfs::COMPRESSED_CHANGESET);
-            rootfs::compress_zstd(&raw_path, &zst, CHANGESET_LEVEL, compress_threads())
-                .map_err(|e| fail("compressing the rootfs snapshot", e.to_string()))?;
-            let _ = std::fs::remove_file(&raw_path);
+        if let (Some(c), Some(_)) = (capture.as_mut(), &rootfs_record.snapshot) {
+            let (size, took) = c.compressed();
+            size.map_err(|e| fail("compressing the rootfs snapshot", e.to_string()))?;
             rootfs_record.snapshot = Some(rootfs::COMPRESSED_CHANGESET.to_string());
-            timings.compress_ms = ms(t.elapsed());
+            timings.compress_ms = took;
         }
         flush
             .join()
