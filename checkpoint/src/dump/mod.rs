@@ -1,6 +1,7 @@
-//! `cryo checkpoint`: freeze → CRIU dump → capture rootfs → thaw (or stop) → compress →
-//! manifest. The container ends running and thawed exactly as before on every failure path,
-//! or paused if it was paused.
+//! `cryo checkpoint`: stage page images → freeze → CRIU dump (pages to cryo's receiver, the
+//! rootfs captured beside it) → thaw (or stop) → name and sync the images → manifest. The
+//! container ends running and thawed exactly as before on every failure path, or paused if it
+//! was paused, and what cryo wrote is removed.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
