@@ -145,13 +145,15 @@ pub(super) fn signal_status_fd(fd: i32) -> Result<(), String> {
         .map_err(|e| format!("writing to --status-fd {fd}: {e}"))
 }
 
-/// fdatasync every CRIU image file in `dir` (not cryo's raw changeset, which is replaced by
-/// its compressed copy, nor page images about to be compressed).
+/// fdatasync every CRIU image file in `dir`: not cryo's changeset (the raw one is replaced by
+/// the compressed one, which is still being written beside this and goes to disk with the
+/// final syncfs), nor page images about to be compressed.
 pub(super) fn flush_criu_images(dir: &Path, pages_compressed_next: bool) -> Result<(), String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let skip = name == rootfs::RAW_CHANGESET
+            || name == rootfs::COMPRESSED_CHANGESET
             || (pages_compressed_next && crate::pages::is_page_image(&name))
             || !e.file_type().is_ok_and(|t| t.is_file());
         if skip {

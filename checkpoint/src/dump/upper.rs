@@ -40,6 +40,7 @@ impl UpperCapture {
     /// thread of its own; the compressed changeset goes to `zst`. `beside_dump`: the capture
     /// may run while CRIU dumps (not with `--link-remap`, whose link files CRIU creates in
     /// the container's tree while dumping).
+    ///
     /// Only a capture that will run after the dump, inside the freeze, has its file faulted in
     /// beforehand: one beside the dump allocates on its own core while CRIU works, and
     /// faulting in ahead would only delay the freeze.
@@ -135,17 +136,13 @@ fn capture(
         Some(f) => rootfs::capture_upper_into(upper, f, raw, opts),
         None => rootfs::capture_upper(upper, raw, opts),
     };
-    (report, ms_since(t))
+    (report, super::ms(t.elapsed()))
 }
 
 fn compress(raw: &Path, zst: &Path) -> Timed<u64> {
     let t = Instant::now();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    (rootfs::compress_zstd(raw, zst, LEVEL, threads), ms_since(t))
-}
-
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1000.0
+    let size = rootfs::compress_zstd(raw, zst, LEVEL, super::compress_threads());
+    (size, super::ms(t.elapsed()))
 }
 
 /// Nice 19 for the calling thread (and the zstd workers it starts, which inherit it).

@@ -205,10 +205,8 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let leftovers = self.staged.values().map(|p| p.path.clone());
-        let leftovers: Vec<PathBuf> = leftovers.collect();
-        for p in leftovers {
-            let _ = std::fs::remove_file(p);
+        for staged in self.staged.values() {
+            let _ = std::fs::remove_file(&staged.path);
         }
         if self.done {
             return;

@@ -1,6 +1,7 @@
 //! Writing the changeset. This runs inside the freeze window, so it is one pass over the
-//! tree, buffered, uncompressed and not synced (the zstd copy made after the thaw is), into
-//! a file measured and faulted in before the freeze ([`prepare_capture`]).
+//! tree, buffered, uncompressed and not synced (the checkpoint syncs its zstd copy). A capture
+//! that runs after CRIU's dump writes into a file measured and faulted in before the freeze
+//! ([`prepare_capture`]); one beside the dump writes on its own core.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
