@@ -11,7 +11,7 @@ use cryo_checkpoint::flags::{CommonFlags, DumpFlags};
 use cryo_checkpoint::signals::InterruptGuard;
 use cryo_oci::Verb;
 
-use super::load_for;
+use super::{delete_settling, load_for};
 use crate::cli::CheckpointArgs;
 use crate::context::Context;
 use crate::logging;
@@ -34,7 +34,7 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
     let snapshot: SnapshotMode = a.rootfs_snapshot.parse().map_err(anyhow::Error::msg)?;
     let _lock = ctx.store.lock(id)?;
-    let mut container = load_for(ctx, id, Verb::Checkpoint)?;
+    let container = load_for(ctx, id, Verb::Checkpoint)?;
     let pid = container
         .pid()
         .context("the container has no init pid")?
@@ -109,8 +109,7 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     }
     if report.stopped {
         // runc semantics: a checkpoint without --leave-running ends the container.
-        container
-            .delete(true)
+        delete_settling(ctx, id, Verb::ForceDelete, container, true)
             .with_context(|| format!("checkpoint done, but removing container {id} failed"))?;
         ctx.store.remove_lock_file(id);
     }

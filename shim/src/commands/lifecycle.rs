@@ -5,7 +5,7 @@ use cryo_oci::{Bundle, ContainerRecord, Verb};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 
-use super::{load_container, load_for, wait_forwarding};
+use super::{delete_settling, load_container, load_for, wait_forwarding};
 use crate::cli::{CreateArgs, DeleteArgs, KillArgs, RunArgs};
 use crate::context::Context;
 
@@ -138,30 +138,10 @@ pub fn delete(ctx: &Context, a: &DeleteArgs) -> anyhow::Result<i32> {
     } else {
         Verb::Delete
     };
-    let mut c = load_for(ctx, id, verb)?;
-    // A killed init stays in its cgroups until its parent reaps it; after a detached run or
-    // restore that parent is whichever reaper adopted it, so removing the cgroup can briefly
-    // fail with EBUSY. Retry for a while, as runc does, before reporting it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    let mut pause = std::time::Duration::from_millis(5);
-    loop {
-        match c.delete(a.force) {
-            Ok(()) => break,
-            Err(e) if cgroup_busy(&e) && std::time::Instant::now() < deadline => {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(std::time::Duration::from_millis(200));
-                c = load_for(ctx, id, verb)?;
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot delete container {id}")),
-        }
-    }
+    let c = load_for(ctx, id, verb)?;
+    delete_settling(ctx, id, verb, c, a.force)?;
     ctx.store.remove_lock_file(id);
     Ok(0)
-}
-
-/// libcgroups reports a cgroup it could not rmdir (tasks not yet reaped) this way.
-fn cgroup_busy(e: &libcontainer::error::LibcontainerError) -> bool {
-    e.to_string().contains("could not delete")
 }
 
 /// `pause`

@@ -8,7 +8,10 @@ pub mod lifecycle;
 pub mod restore;
 
 use anyhow::{bail, Context as _};
+use std::time::{Duration, Instant};
+
 use libcontainer::container::{Container, ContainerStatus};
+use libcontainer::error::LibcontainerError;
 
 use crate::context::Context;
 
@@ -40,6 +43,45 @@ pub fn load_for(ctx: &Context, id: &str, verb: cryo_oci::Verb) -> anyhow::Result
     let (c, s) = load_container(ctx, id)?;
     cryo_oci::check(id, verb, s)?;
     Ok(c)
+}
+
+/// Delete `c` with libcontainer, riding out the moments right after its init was killed.
+///
+/// A killed init stays in its cgroups until its parent reaps it; after a detached run or a
+/// restore that parent is whichever reaper adopted it (containerd's shim, conmon), so removing
+/// the cgroup can briefly fail with EBUSY, and libcontainer's status check can find
+/// `/proc/<pid>` and then lose `/proc/<pid>/stat` to the reaper. Both pass within milliseconds:
+/// retry for a while with the state reloaded, as runc does, before reporting the error.
+pub fn delete_settling(
+    ctx: &Context,
+    id: &str,
+    verb: cryo_oci::Verb,
+    mut c: Container,
+    force: bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match c.delete(force) {
+            Ok(()) => return Ok(()),
+            Err(e) if settling(&e) && Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+                c = load_for(ctx, id, verb)?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot delete container {id}")),
+        }
+    }
+}
+
+/// The errors a dying container gives while its init is being reaped.
+fn settling(e: &LibcontainerError) -> bool {
+    match e {
+        // The init vanished between libcontainer's look at /proc/<pid> and its read of stat.
+        LibcontainerError::Procfs(procfs::ProcError::NotFound(_)) => true,
+        // libcgroups reports a cgroup it could not rmdir (tasks not yet reaped) this way.
+        other => other.to_string().contains("could not delete"),
+    }
 }
 
 /// Wait for a child, forwarding SIGINT/SIGTERM to it; returns its exit code (128+signal).
@@ -87,4 +129,22 @@ fn forward_signals(pid: nix::unistd::Pid) -> nix::Result<()> {
         unsafe { sigaction(s, &act) }?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vanished_init_or_busy_cgroup_is_worth_a_retry_other_errors_are_not() {
+        let vanished =
+            LibcontainerError::Procfs(procfs::ProcError::NotFound(Some("/proc/9749/stat".into())));
+        assert!(settling(&vanished));
+        let busy = LibcontainerError::OtherCgroup("could not delete /sys/fs/cgroup/x".into());
+        assert!(settling(&busy));
+        let denied = LibcontainerError::Procfs(procfs::ProcError::PermissionDenied(None));
+        assert!(!settling(&denied));
+        let other = LibcontainerError::OtherCgroup("invalid cgroup path".into());
+        assert!(!settling(&other));
+    }
 }
