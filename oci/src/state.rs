@@ -92,16 +92,42 @@ pub struct StateStore {
 }
 
 /// An exclusive flock on one container id, held for the duration of a verb.
+///
+/// When it is released and the id has no container directory (the container was deleted, or
+/// never existed: `cryo state typo`), the lock file is unlinked first, still under the lock, so
+/// the lock directory does not grow with every id ever named. [`StateStore::lock`] re-checks
+/// after each flock that it holds the file the path names, so a waiter left with the unlinked
+/// inode takes the lock again on a fresh file instead of acting beside the next holder.
 #[derive(Debug)]
 pub struct StoreLock {
+    // Never read: holding it is the lock.
     _guard: Flock<File>,
     path: PathBuf,
+    container_dir: PathBuf,
 }
 
 impl StoreLock {
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Whether `file` is the file `path` names now (not one a releaser has unlinked).
+fn is_file_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(held), Ok(named)) => held.dev() == named.dev() && held.ino() == named.ino(),
+        _ => false,
+    }
+}
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        // Runs before the flock field is dropped, so the unlink happens while still locked.
+        if !self.container_dir.exists() {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -128,26 +154,34 @@ impl StateStore {
         let dir = self.root.join(LOCK_DIR);
         create_private_dir(&dir)?;
         let path = dir.join(id);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| StateError::Io {
-                step: "open lock",
-                path: path.clone(),
-                source,
+        loop {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|source| StateError::Io {
+                    step: "open lock",
+                    path: path.clone(),
+                    source,
+                })?;
+            let guard = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
+                StateError::Io {
+                    step: "lock",
+                    path: path.clone(),
+                    source: errno.into(),
+                }
             })?;
-        let guard =
-            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| StateError::Io {
-                step: "lock",
-                path: path.clone(),
-                source: errno.into(),
-            })?;
-        Ok(StoreLock {
-            _guard: guard,
-            path,
-        })
+            // If the previous holder unlinked the file while we waited, this flock guards
+            // nothing: let it go (without Drop's unlink, the path may be a newer file) and retry.
+            if is_file_at(&guard, &path) {
+                return Ok(StoreLock {
+                    _guard: guard,
+                    path,
+                    container_dir: self.container_dir(id),
+                });
+            }
+        }
     }
 
     /// Whether libcontainer has a state for `id`.
@@ -190,11 +224,6 @@ impl StateStore {
             path,
             source,
         })
-    }
-
-    /// Forget the lock file of a deleted container (the record goes with its directory).
-    pub fn remove_lock_file(&self, id: &str) {
-        let _ = fs::remove_file(self.root.join(LOCK_DIR).join(id));
     }
 
     /// Ids of every container with a libcontainer state, sorted.
@@ -273,6 +302,76 @@ mod tests {
         fs::write(store.container_dir("a").join(RECORD_FILE), "{").unwrap();
         let e = store.load("a").unwrap_err().to_string();
         assert!(e.contains("corrupt") && e.contains("delete --force"), "{e}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn fresh_store(tag: &str) -> (StateStore, PathBuf) {
+        let root = std::env::temp_dir().join(format!("cryo-store-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        (StateStore::new(&root), root)
+    }
+
+    #[test]
+    fn the_lock_file_of_an_id_without_container_goes_with_the_lock() {
+        let (store, root) = fresh_store("unlink");
+        let lock = store.lock("typo").unwrap();
+        let path = lock.path().to_path_buf();
+        assert!(path.exists());
+        drop(lock);
+        assert!(
+            !path.exists(),
+            "lock file of a missing container left behind"
+        );
+
+        fs::create_dir_all(store.container_dir("live")).unwrap();
+        let lock = store.lock("live").unwrap();
+        let path = lock.path().to_path_buf();
+        drop(lock);
+        assert!(path.exists(), "lock file of an existing container removed");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Whether /proc/locks shows a blocked flock request (`->` lines) on `path`'s inode.
+    fn someone_waits_on(path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = fs::metadata(path) else {
+            return false;
+        };
+        let inode = format!(":{}", meta.ino());
+        fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("->") && l.contains("FLOCK") && l.contains(&inode))
+    }
+
+    #[test]
+    fn a_waiter_on_an_unlinked_lock_file_locks_the_new_one() {
+        let (store, root) = fresh_store("waiter");
+        let first = store.lock("gone").unwrap();
+        let path = first.path().to_path_buf();
+        let waiter = {
+            let store = StateStore::new(&root);
+            std::thread::spawn(move || store.lock("gone").unwrap())
+        };
+        // Release only once the waiter is blocked on the file about to be unlinked.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !someone_waits_on(&path) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiter never blocked"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        drop(first);
+        let second = waiter.join().unwrap();
+        // The waiter must hold the file the path names, so a third caller is excluded.
+        let third = File::open(second.path()).expect("the waiter's lock file exists");
+        let try_third = Flock::lock(third, FlockArg::LockExclusiveNonblock);
+        assert!(
+            try_third.is_err(),
+            "a third caller got the lock beside the waiter"
+        );
+        drop(second);
         fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -12,23 +12,40 @@ pub struct Runtime {
     pub bin: PathBuf,
     /// Its state root.
     pub root: PathBuf,
+    /// Removes the root when the last clone goes.
+    _root_guard: std::sync::Arc<EmptyRootRemover>,
+}
+
+/// Removes a state root that holds no container any more (cryo keeps an empty `.locks`
+/// directory there, runc nothing). A root that still holds a container, as after a failed
+/// test, is left for whoever reads the failure.
+struct EmptyRootRemover(PathBuf);
+
+impl Drop for EmptyRootRemover {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(self.0.join(".locks"));
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
 
 impl Runtime {
     /// cryo with a fresh root.
     pub fn cryo() -> Self {
         crate::require_prerequisites();
-        Self {
-            bin: crate::cryo_bin(),
-            root: std::env::temp_dir().join(crate::unique("cryo-root")),
-        }
+        Self::with_root(crate::cryo_bin(), "cryo-root")
     }
 
     /// runc with a fresh root.
     pub fn runc() -> Self {
+        Self::with_root(PathBuf::from("runc"), "runc-root")
+    }
+
+    fn with_root(bin: PathBuf, prefix: &str) -> Self {
+        let root = std::env::temp_dir().join(crate::unique(prefix));
         Self {
-            bin: PathBuf::from("runc"),
-            root: std::env::temp_dir().join(crate::unique("runc-root")),
+            bin,
+            _root_guard: std::sync::Arc::new(EmptyRootRemover(root.clone())),
+            root,
         }
     }
 

@@ -111,7 +111,6 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         // runc semantics: a checkpoint without --leave-running ends the container.
         delete_settling(ctx, id, Verb::ForceDelete, container, true)
             .with_context(|| format!("checkpoint done, but removing container {id} failed"))?;
-        ctx.store.remove_lock_file(id);
     }
     Ok(0)
 }

@@ -96,7 +96,6 @@ pub fn run(ctx: &Context, a: &RunArgs) -> anyhow::Result<i32> {
     if let Ok((mut c, _)) = load_container(ctx, id) {
         let _ = c.delete(true);
     }
-    ctx.store.remove_lock_file(id);
     Ok(code)
 }
 
@@ -130,7 +129,6 @@ pub fn delete(ctx: &Context, a: &DeleteArgs) -> anyhow::Result<i32> {
                 eprintln!("cryo: remove {}: {e}", dir.display());
             }
         }
-        ctx.store.remove_lock_file(id);
         return Ok(0);
     }
     let verb = if a.force {
@@ -140,7 +138,6 @@ pub fn delete(ctx: &Context, a: &DeleteArgs) -> anyhow::Result<i32> {
     };
     let c = load_for(ctx, id, verb)?;
     delete_settling(ctx, id, verb, c, a.force)?;
-    ctx.store.remove_lock_file(id);
     Ok(0)
 }
 

@@ -78,7 +78,6 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&container_dir);
-            ctx.store.remove_lock_file(id);
             return Err(e.into());
         }
     };
@@ -122,7 +121,6 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     if let Ok(mut c) = Container::load(container_dir) {
         let _ = c.delete(true);
     }
-    ctx.store.remove_lock_file(id);
     Ok(code)
 }
 
