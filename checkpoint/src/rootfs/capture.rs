@@ -84,9 +84,9 @@ pub fn capture_upper(upper: &Path, out: &Path, opts: &CaptureOptions) -> Result<
 }
 
 /// Before the freeze: create `out` sized for a capture of `upper` as it is now, with its page
-/// cache faulted in ([`crate::prefault`]), for [`capture_upper_into`]. `None` when the tree
-/// is too large to measure quickly or the file system cannot pre-fault (capture then creates
-/// the file itself).
+/// cache allocated ([`crate::prefault`]), for [`capture_upper_into`]. `None` when the tree
+/// is too large to measure quickly or the file system has no room (capture then creates the
+/// file itself).
 pub fn prepare_capture(upper: &Path, out: &Path) -> Option<File> {
     let mut entries = 0;
     let bytes = archive_estimate(upper, &mut entries)?;
@@ -100,7 +100,7 @@ pub fn prepare_capture(upper: &Path, out: &Path) -> Option<File> {
     // Slack for what the container writes before the freeze; writing past it only costs
     // the allocation the preparation saves.
     let size = (bytes + bytes / 16 + (64 << 10)).div_ceil(4096) * 4096;
-    crate::prefault::map_prefaulted(&file, size).map(|_map| file)
+    crate::prefault::fill_page_cache(&file, size).then_some(file)
 }
 
 /// Bytes a tar of the tree at `dir` takes: a header block (plus room for long names and
