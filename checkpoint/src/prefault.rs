@@ -37,11 +37,12 @@ pub fn map_prefaulted(file: &File, bytes: u64) -> Option<MmapMut> {
     }
 }
 
-/// The write size that keeps page-cache folios small (see the module doc).
-const FILL_CHUNK: usize = 64 << 10;
+/// The write size that keeps page-cache folios small (see the module doc). Also the buffer
+/// size of cryo's other writers of fresh files during a checkpoint (the rootfs changeset).
+pub const WRITE_CHUNK: usize = 64 << 10;
 
 /// Give `file` (new and empty) `bytes` of zeroed page cache through the write path,
-/// `FILL_CHUNK` at a time. On failure (no space) the file is cut back to empty.
+/// `WRITE_CHUNK` at a time. On failure (no space) the file is cut back to empty.
 pub fn fill_page_cache(file: &File, bytes: u64) -> bool {
     let filled = fill_with_zeros(file, bytes).is_ok();
     if !filled {
@@ -52,10 +53,10 @@ pub fn fill_page_cache(file: &File, bytes: u64) -> bool {
 
 fn fill_with_zeros(file: &File, bytes: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let zeros = vec![0u8; FILL_CHUNK];
+    let zeros = vec![0u8; WRITE_CHUNK];
     let mut off = 0u64;
     while off < bytes {
-        let n = (bytes - off).min(FILL_CHUNK as u64) as usize;
+        let n = (bytes - off).min(WRITE_CHUNK as u64) as usize;
         file.write_all_at(&zeros[..n], off)?;
         off += n as u64;
     }
@@ -88,7 +89,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let f = File::create_new(&path).unwrap();
-        let bytes = 2 * FILL_CHUNK as u64 + 123;
+        let bytes = 2 * WRITE_CHUNK as u64 + 123;
         assert!(fill_page_cache(&f, bytes));
         let content = std::fs::read(&path).unwrap();
         assert_eq!(content.len() as u64, bytes);

@@ -134,7 +134,7 @@ pub fn capture_upper_into(
 ) -> Result<CaptureReport> {
     let start = Instant::now();
     let mut w = Walker {
-        tar: Builder::new(BufWriter::with_capacity(1 << 20, file)),
+        tar: Builder::new(BufWriter::with_capacity(crate::prefault::WRITE_CHUNK, file)),
         during_dump: opts.during_dump.clone(),
         overlay: !opts.plain,
         links: HashMap::new(),

@@ -20,8 +20,11 @@ pub fn compress_zstd(raw: &Path, out: &Path, level: i32, threads: u32) -> Result
     let run = || -> Result<u64> {
         let mut input = File::open(raw).map_err(io_err("open", raw))?;
         let output = File::create(out).map_err(io_err("create", out))?;
-        let mut enc = zstd::stream::Encoder::new(BufWriter::with_capacity(1 << 20, output), level)
-            .map_err(io_err("start zstd for", out))?;
+        let mut enc = zstd::stream::Encoder::new(
+            BufWriter::with_capacity(crate::prefault::WRITE_CHUNK, output),
+            level,
+        )
+        .map_err(io_err("start zstd for", out))?;
         enc.include_checksum(true)
             .map_err(io_err("zstd checksum for", out))?;
         enc.multithread(threads)
