@@ -16,6 +16,8 @@ use std::fs;
 use std::io::{BufReader, BufWriter};
 use std::path::{Path, PathBuf};
 
+use crate::prefault::{SmallWrites, WRITE_CHUNK};
+
 /// Suffix of a compressed page image: `pages-1.img` becomes `pages-1.img.zst`.
 pub const SUFFIX: &str = ".zst";
 
@@ -110,7 +112,7 @@ impl StagedImages {
                 fs::File::create(&out).map_err(|e| format!("create {}: {e}", out.display()))?;
             zstd::stream::copy_decode(
                 BufReader::with_capacity(1 << 20, input),
-                BufWriter::with_capacity(1 << 20, output),
+                BufWriter::with_capacity(WRITE_CHUNK, SmallWrites(output)),
             )
             .map_err(|e| format!("decompress {}: {e}", src.display()))?;
         }

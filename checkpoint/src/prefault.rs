@@ -41,6 +41,22 @@ pub fn map_prefaulted(file: &File, bytes: u64) -> Option<MmapMut> {
 /// size of cryo's other writers of fresh files during a checkpoint (the rootfs changeset).
 pub const WRITE_CHUNK: usize = 64 << 10;
 
+/// A writer that passes at most [`WRITE_CHUNK`] bytes per call to the file below it. Wraps
+/// the fresh files cryo fills at checkpoint and restore: a `BufWriter` alone still passes a
+/// larger write (zstd's 128 KiB blocks, a 1 MiB copy buffer) straight through.
+#[derive(Debug)]
+pub struct SmallWrites<W>(pub W);
+
+impl<W: std::io::Write> std::io::Write for SmallWrites<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(&buf[..buf.len().min(WRITE_CHUNK)])
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Give `file` (new and empty) `bytes` of zeroed page cache through the write path,
 /// `WRITE_CHUNK` at a time. On failure (no space) the file is cut back to empty.
 pub fn fill_page_cache(file: &File, bytes: u64) -> bool {
@@ -94,5 +110,23 @@ mod tests {
         let content = std::fs::read(&path).unwrap();
         assert_eq!(content.len() as u64, bytes);
         assert!(content.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn small_writes_split_what_they_pass_on() {
+        use std::io::Write;
+        struct Sizes(Vec<usize>);
+        impl Write for Sizes {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.push(buf.len());
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w = SmallWrites(Sizes(Vec::new()));
+        w.write_all(&vec![7u8; 2 * WRITE_CHUNK + 5]).unwrap();
+        assert_eq!(w.0 .0, vec![WRITE_CHUNK, WRITE_CHUNK, 5]);
     }
 }

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use super::protocol::{self, Command, Dest, HEADER_LEN, PAGE_SIZE, PE_PRESENT};
 use super::staging::{self, PagesFile};
 
-/// Data that did not fit the staged mapping goes through a buffer of this size.
-const BOUNCE: usize = 1 << 20;
+/// Data that did not fit the staged mapping goes through a buffer of this size (small writes
+/// into fresh page cache: see `crate::prefault`).
+const BOUNCE: usize = crate::prefault::WRITE_CHUNK;
 
 /// One pagemap being received.
 #[derive(Debug)]

@@ -31,6 +31,7 @@ use super::safe::{
 };
 use super::validate::{validate, Meta, Plan};
 use super::{io_err, Result, RootfsError, OPAQUE_MARKER, WHITEOUT_PREFIX};
+use crate::prefault::WRITE_CHUNK;
 
 /// What a changeset may do beyond plain files.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,8 +82,9 @@ pub fn apply_changeset(
         cleared: HashSet::new(),
         dir_times: BTreeMap::new(),
         report: ApplyReport::default(),
-        buf: vec![0u8; 1 << 20],
-        zeros: vec![0u8; 1 << 20],
+        // Fresh files get at most WRITE_CHUNK per write: see crate::prefault.
+        buf: vec![0u8; WRITE_CHUNK],
+        zeros: vec![0u8; WRITE_CHUNK],
         seq: 0,
         pid: std::process::id(),
     };

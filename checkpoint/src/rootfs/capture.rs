@@ -17,6 +17,7 @@ use tar::{Builder, EntryType, Header};
 
 use super::sparse::{data_extents, has_holes, write_sparse};
 use super::{io_err, Result, RootfsError, OPAQUE_MARKER, WHITEOUT_PREFIX};
+use crate::prefault::{SmallWrites, WRITE_CHUNK};
 
 /// How to read the captured tree.
 #[derive(Debug, Clone, Default)]
@@ -134,16 +135,16 @@ pub fn capture_upper_into(
 ) -> Result<CaptureReport> {
     let start = Instant::now();
     let mut w = Walker {
-        tar: Builder::new(BufWriter::with_capacity(crate::prefault::WRITE_CHUNK, file)),
+        tar: Builder::new(BufWriter::with_capacity(WRITE_CHUNK, SmallWrites(file))),
         during_dump: opts.during_dump.clone(),
         overlay: !opts.plain,
         links: HashMap::new(),
         report: CaptureReport::default(),
-        buf: vec![0u8; 1 << 20],
+        buf: vec![0u8; WRITE_CHUNK],
     };
     w.walk(upper, Path::new(""))?;
     let inner = w.tar.into_inner().map_err(io_err("finish", out))?;
-    let mut file = inner.into_inner().map_err(|e| RootfsError::Io {
+    let SmallWrites(mut file) = inner.into_inner().map_err(|e| RootfsError::Io {
         step: "flush",
         path: out.to_path_buf(),
         source: e.into_error(),

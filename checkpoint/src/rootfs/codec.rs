@@ -7,6 +7,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use super::{io_err, Result, RootfsError};
+use crate::prefault::{SmallWrites, WRITE_CHUNK};
 
 /// The four bytes every zstd frame starts with.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
@@ -21,7 +22,7 @@ pub fn compress_zstd(raw: &Path, out: &Path, level: i32, threads: u32) -> Result
         let mut input = File::open(raw).map_err(io_err("open", raw))?;
         let output = File::create(out).map_err(io_err("create", out))?;
         let mut enc = zstd::stream::Encoder::new(
-            BufWriter::with_capacity(crate::prefault::WRITE_CHUNK, output),
+            BufWriter::with_capacity(WRITE_CHUNK, SmallWrites(output)),
             level,
         )
         .map_err(io_err("start zstd for", out))?;
@@ -31,7 +32,7 @@ pub fn compress_zstd(raw: &Path, out: &Path, level: i32, threads: u32) -> Result
             .map_err(io_err("zstd worker threads for", out))?;
         std::io::copy(&mut input, &mut enc).map_err(io_err("compress", raw))?;
         let w = enc.finish().map_err(io_err("finish zstd frame of", out))?;
-        let f = w.into_inner().map_err(|e| RootfsError::Io {
+        let SmallWrites(f) = w.into_inner().map_err(|e| RootfsError::Io {
             step: "flush",
             path: out.to_path_buf(),
             source: e.into_error(),
