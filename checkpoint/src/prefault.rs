@@ -38,7 +38,8 @@ pub fn map_prefaulted(file: &File, bytes: u64) -> Option<MmapMut> {
 }
 
 /// The write size that keeps page-cache folios small (see the module doc). Also the buffer
-/// size of cryo's other writers of fresh files during a checkpoint (the rootfs changeset).
+/// size of cryo's other writers of fresh files: the rootfs changeset, decompressed page
+/// images, the files a restore extracts.
 pub const WRITE_CHUNK: usize = 64 << 10;
 
 /// A writer that passes at most [`WRITE_CHUNK`] bytes per call to the file below it. Wraps
