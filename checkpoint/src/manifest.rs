@@ -36,6 +36,13 @@ pub struct Timings {
     /// Waiting, before the freeze, for the page images to be faulted in.
     #[serde(default)]
     pub staging_wait_ms: f64,
+    /// From the start of the verb to the freeze (CRIU's start, staging).
+    #[serde(default)]
+    pub before_freeze_ms: f64,
+    /// From the thaw until the image is durable (naming, compression, sync). 0 when the
+    /// container was stopped instead of thawed.
+    #[serde(default)]
+    pub after_thaw_ms: f64,
     /// The whole verb until durable.
     pub total_ms: f64,
 }

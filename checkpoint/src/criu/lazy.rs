@@ -6,6 +6,7 @@
 //! daemon already listens in the work dir (a page-server migration set up by hand), and
 //! otherwise starts one itself on the local image.
 
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -29,7 +30,7 @@ pub struct LazyPagesDaemon {
 
 impl LazyPagesDaemon {
     /// Start `criu lazy-pages` serving `images_dir`, listening in `work_dir`, and wait until
-    /// its socket exists. `Ok(None)` when a daemon already listens there.
+    /// it says it listens (`--status-fd`). `Ok(None)` when a daemon already listens there.
     pub fn start(
         criu: &Path,
         images_dir: &Path,
@@ -48,6 +49,11 @@ impl LazyPagesDaemon {
             log: log.clone(),
             excerpt: super::log_excerpt(&log),
         };
+        // The daemon writes a byte to its status fd once it listens. Its socket file appears
+        // earlier (at bind, before listen), and a restore connecting in between is refused.
+        let (ready_rx, ready_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| fail(format!("cannot create the daemon's status pipe: {e}")))?;
+        let ready_tx_raw = ready_tx.as_raw_fd();
         let mut cmd = Command::new(criu);
         cmd.arg("lazy-pages")
             .arg("--images-dir")
@@ -57,46 +63,56 @@ impl LazyPagesDaemon {
             .arg("-o")
             .arg(LAZY_LOG)
             .arg("-v4")
+            .arg("--status-fd")
+            .arg(STATUS_FD.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: between fork and exec the child only calls setsid(2), which is
-        // async-signal-safe and touches no memory of the parent.
+        // SAFETY: between fork and exec the child only calls setsid(2), dup2(2) and fcntl(2),
+        // which are async-signal-safe, on fds it owns; it touches no memory of the parent.
         unsafe {
-            // Its own session: the daemon outlives cryo and must not get the caller's signals
-            // (a closed terminal's SIGHUP, a Ctrl-C to the foreground group).
-            cmd.pre_exec(|| {
-                nix::unistd::setsid()
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
+            cmd.pre_exec(move || {
+                // Its own session: the daemon outlives cryo and must not get the caller's
+                // signals (a closed terminal's SIGHUP, a Ctrl-C to the foreground group).
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                // The status pipe as fd 3, open across exec.
+                let rc = if ready_tx_raw == STATUS_FD {
+                    libc::fcntl(STATUS_FD, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(ready_tx_raw, STATUS_FD)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
             });
         }
         let child = cmd
             .spawn()
             .map_err(|e| fail(format!("cannot start {} lazy-pages: {e}", criu.display())))?;
+        drop(ready_tx);
         let mut daemon = Self {
             child: Some(child),
             socket,
         };
-        let end = Instant::now() + timeout;
-        while !daemon.socket.exists() {
-            if let Some(c) = daemon.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    daemon.child = None;
-                    return Err(fail(format!(
-                        "criu lazy-pages exited ({st}) before listening"
-                    )));
-                }
-            }
-            if Instant::now() > end {
-                return Err(fail(format!(
-                    "criu lazy-pages did not listen on {} within {timeout:?}",
-                    daemon.socket.display()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(Some(daemon))
+        let why = match wait_ready(&ready_rx, timeout) {
+            Readiness::Ready => return Ok(Some(daemon)),
+            Readiness::Closed => "criu lazy-pages exited before listening".to_string(),
+            Readiness::TimedOut => format!(
+                "criu lazy-pages did not listen on {} within {timeout:?}",
+                daemon.socket.display()
+            ),
+            Readiness::Failed(e) => format!("waiting for criu lazy-pages: {e}"),
+        };
+        // Dropping the daemon kills it; name its exit status if it already ended.
+        let status = daemon
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        Err(fail(match status {
+            Some(st) => format!("criu lazy-pages exited ({st}) before listening"),
+            None => why,
+        }))
     }
 
     /// The restore succeeded: leave the daemon running until it has copied every page (it
@@ -113,6 +129,45 @@ impl Drop for LazyPagesDaemon {
             let _ = c.wait();
             let _ = std::fs::remove_file(&self.socket);
         }
+    }
+}
+
+/// The daemon's status fd (`--status-fd`): the first after stdio.
+const STATUS_FD: i32 = 3;
+
+/// What the daemon's status pipe said.
+#[derive(Debug, PartialEq, Eq)]
+enum Readiness {
+    /// The ready byte.
+    Ready,
+    /// End of file: the daemon exited first.
+    Closed,
+    TimedOut,
+    Failed(nix::errno::Errno),
+}
+
+/// Wait for the daemon's ready byte on `ready`.
+fn wait_ready(ready: &OwnedFd, timeout: Duration) -> Readiness {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let end = Instant::now() + timeout;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Readiness::TimedOut;
+        }
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(ready.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => break,
+            Err(e) => return Readiness::Failed(e),
+        }
+    }
+    let mut byte = [0u8; 1];
+    match nix::unistd::read(ready.as_raw_fd(), &mut byte) {
+        Ok(1) => Readiness::Ready,
+        Ok(_) => Readiness::Closed,
+        Err(e) => Readiness::Failed(e),
     }
 }
 
@@ -141,4 +196,75 @@ fn user_daemon_running(work_dir: &Path) -> bool {
             .any(|a| Path::new(std::ffi::OsStr::from_bytes(a)) == want.as_path());
         names_dir || std::fs::read_link(p.join("cwd")).is_ok_and(|c| c == want)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A stand-in for `criu` running `body` (sh) in the work dir it is given.
+    fn fake_criu(dir: &Path, body: &str) -> PathBuf {
+        let path = dir.join("criu");
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nwhile [ \"$1\" != --work-dir ]; do shift; done; cd \"$2\"\n{body}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn waits_for_the_ready_byte_not_for_the_socket_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // As CRIU: the socket file exists at bind, listening (the byte) comes after.
+        let criu = fake_criu(
+            dir.path(),
+            "touch lazy-pages.socket; sleep 0.3; touch listening; printf '\\0' >&3; sleep 30",
+        );
+        let daemon = LazyPagesDaemon::start(&criu, dir.path(), dir.path(), Duration::from_secs(10))
+            .unwrap()
+            .unwrap();
+        assert!(
+            dir.path().join("listening").exists(),
+            "start returned before the daemon said it listens"
+        );
+        drop(daemon);
+    }
+
+    #[test]
+    fn a_daemon_that_exits_before_listening_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let criu = fake_criu(dir.path(), "touch lazy-pages.socket; exit 3");
+        let e = LazyPagesDaemon::start(&criu, dir.path(), dir.path(), Duration::from_secs(10))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("exited") && e.contains("before listening"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_daemon_that_never_listens_times_out_and_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let criu = fake_criu(dir.path(), "echo $$ > pid; exec sleep 30");
+        let e = LazyPagesDaemon::start(&criu, dir.path(), dir.path(), Duration::from_millis(300))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did not listen"), "{e}");
+        let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+            "the daemon was left running"
+        );
+    }
 }

@@ -342,6 +342,8 @@ pub fn checkpoint(
         }
         timings.frozen_ms = ms(t_freeze.elapsed());
     }
+    let t_thaw = (!stop).then(Instant::now);
+    timings.before_freeze_ms = ms(t_freeze.duration_since(started));
     // ---- after the thaw (or, when stopping, still frozen: nothing is lost if this fails) ----
     // CRIU answered only after the receiver had copied every page: the container may run.
     let pages = match receiver {
@@ -390,6 +392,7 @@ pub fn checkpoint(
     let spec_sha256 = crate::manifest::sha256_file(&req.bundle.join("config.json"))
         .map_err(|e| fail("hashing config.json", e.to_string()))?;
     timings.total_ms = ms(started.elapsed());
+    timings.after_thaw_ms = t_thaw.map_or(0.0, |t| ms(t.elapsed()));
     let manifest = Manifest {
         format: FORMAT.into(),
         cryo_version: env!("CARGO_PKG_VERSION").into(),
