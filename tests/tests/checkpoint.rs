@@ -57,6 +57,27 @@ fn assert_pages_received_by_cryo(img: &Path) {
         !names.iter().any(|n| n.starts_with(".cryo-pages")),
         "{names:?}"
     );
+    assert_timings_add_up(&manifest);
+}
+
+/// The manifest's step timings split the wall time: before the freeze, frozen and after the
+/// thaw (both 0 when the checkpoint stopped the container instead), none beyond the whole.
+fn assert_timings_add_up(manifest: &serde_json::Value) {
+    let t = &manifest["timings"];
+    let part = |k: &str| t[k].as_f64().unwrap_or(-1.0);
+    let (before, frozen, after, total) = (
+        part("before_freeze_ms"),
+        part("frozen_ms"),
+        part("after_thaw_ms"),
+        part("total_ms"),
+    );
+    assert!(before > 0.0, "timings: {t}");
+    if manifest["leave_running"].as_bool() == Some(true) {
+        assert!(frozen > 0.0 && after > 0.0, "timings: {t}");
+    } else {
+        assert!(frozen == 0.0 && after == 0.0, "timings: {t}");
+    }
+    assert!(before + frozen + after <= total + 1.0, "timings: {t}");
 }
 
 /// `restore --detach [extra] --bundle B --image-path IMG ID`.
@@ -153,6 +174,7 @@ fn leave_running_keeps_original_and_restores_a_copy_under_new_id() {
     let st = rt.state(&id);
     assert_eq!(st["status"], "running");
     assert_eq!(freezer_state(st["pid"].as_i64().unwrap()), "THAWED");
+    assert_pages_received_by_cryo(&img);
     let after = lines.wait_count(0, Duration::from_secs(5));
     lines.wait_count(after + 2, Duration::from_secs(10));
     let copy = rt.spawn_with_pipe(&[
