@@ -109,7 +109,8 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     }
     if report.stopped {
         // runc semantics: a checkpoint without --leave-running ends the container.
-        delete_settling(ctx, id, Verb::ForceDelete, container, true)
+        // Loaded afresh: CRIU has just ended the processes the record above still shows.
+        delete_settling(ctx, id, Verb::ForceDelete, true)
             .with_context(|| format!("checkpoint done, but removing container {id} failed"))?;
     }
     Ok(0)

@@ -136,8 +136,7 @@ pub fn delete(ctx: &Context, a: &DeleteArgs) -> anyhow::Result<i32> {
     } else {
         Verb::Delete
     };
-    let c = load_for(ctx, id, verb)?;
-    delete_settling(ctx, id, verb, c, a.force)?;
+    delete_settling(ctx, id, verb, a.force)?;
     Ok(0)
 }
 

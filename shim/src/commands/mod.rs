@@ -45,7 +45,8 @@ pub fn load_for(ctx: &Context, id: &str, verb: cryo_oci::Verb) -> anyhow::Result
     Ok(c)
 }
 
-/// Delete `c` with libcontainer, riding out the moments right after its init was killed.
+/// Delete container `id` with libcontainer (loaded fresh, `verb` checked), riding out the
+/// moments right after its init was killed.
 ///
 /// A killed init stays in its cgroups until its parent reaps it; after a detached run or a
 /// restore that parent is whichever reaper adopted it (containerd's shim, conmon), so removing
@@ -56,9 +57,9 @@ pub fn delete_settling(
     ctx: &Context,
     id: &str,
     verb: cryo_oci::Verb,
-    mut c: Container,
     force: bool,
 ) -> anyhow::Result<()> {
+    let mut c = load_for(ctx, id, verb)?;
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut pause = Duration::from_millis(5);
     loop {
