@@ -5,6 +5,8 @@ pub mod descriptors;
 pub mod dump;
 pub mod facts;
 pub mod flags;
+pub mod guardian;
+pub mod image;
 pub mod manifest;
 pub mod page_receiver;
 pub mod pages;

@@ -39,6 +39,9 @@ fn main() {
     let ctx = Context {
         store: cryo_oci::StateStore::new(&cli.root),
         root: cli.root.clone(),
+        criu: cli.criu.clone().unwrap_or_else(|| "criu".into()),
+        log: cli.log.clone(),
+        log_format: cli.log_format,
     };
     let result = match command {
         Command::Create(a) => commands::lifecycle::create(&ctx, &a),
@@ -58,6 +61,8 @@ fn main() {
         Command::Spec(a) => commands::info::spec(&a),
         Command::Checkpoint(a) => commands::checkpoint::checkpoint(&ctx, &a),
         Command::Restore(a) => commands::restore::restore(&ctx, &a),
+        Command::Verify(a) => commands::verify::verify(&a),
+        Command::Guardian => commands::guardian::run(&ctx),
     };
     match result {
         Ok(code) => std::process::exit(code),

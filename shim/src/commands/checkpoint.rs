@@ -1,12 +1,13 @@
 //! `checkpoint`: gather the container's facts and hand them to the engine.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use cryo_cgroup::{freezer_for, ContainerCgroup};
 use cryo_checkpoint::criu::swrk::SwrkClient;
-use cryo_checkpoint::dump::{self, DumpRequest, SnapshotMode};
+use cryo_checkpoint::dump::{self, DumpEnv, DumpRequest, SnapshotMode};
 use cryo_checkpoint::flags::{CommonFlags, DumpFlags};
 use cryo_checkpoint::signals::InterruptGuard;
 use cryo_oci::Verb;
@@ -15,9 +16,6 @@ use super::{delete_settling, load_for};
 use crate::cli::CheckpointArgs;
 use crate::context::Context;
 use crate::logging;
-
-/// How long a freeze may take before cryo gives up and thaws.
-const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// runc's default: `./checkpoint` relative to the caller's directory.
 pub fn image_dir(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
@@ -33,7 +31,10 @@ pub fn image_dir(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
 pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
     let snapshot: SnapshotMode = a.rootfs_snapshot.parse().map_err(anyhow::Error::msg)?;
-    let _lock = ctx.store.lock(id)?;
+    // Every file this verb makes holds the container's memory or files: private.
+    // SAFETY: umask only swaps the process's file-mode mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+    let lock = ctx.store.lock(id)?;
     let container = load_for(ctx, id, Verb::Checkpoint)?;
     let pid = container
         .pid()
@@ -50,13 +51,6 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         .map(|r| r.stdio)
         .unwrap_or_else(|| cryo_checkpoint::descriptors::read_stdio(pid));
     let image_dir = image_dir(a.image_path.as_deref())?;
-    let work_dir = match &a.work_path {
-        Some(w) => image_dir
-            .parent()
-            .map(|_| w.clone())
-            .unwrap_or_else(|| w.clone()),
-        None => image_dir.clone(),
-    };
     let cgroup = ContainerCgroup::for_pid(pid)?;
     let freezer = freezer_for(&cgroup);
     let req = DumpRequest {
@@ -67,7 +61,7 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         rootfs,
         stdio,
         image_dir,
-        work_dir,
+        work_dir: a.work_path.clone(),
         flags: DumpFlags {
             common: CommonFlags {
                 tcp_established: a.tcp_established,
@@ -91,19 +85,31 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         snapshot,
         compress_pages: a.compress_pages,
         stage_pages: !a.no_page_staging,
-        freeze_timeout: FREEZE_TIMEOUT,
+        freeze_timeout: a.freeze_timeout.map(Duration::from_secs),
+        criu_timeout: Duration::from_secs(a.criu_timeout),
+        failure_log_dir: Some(ctx.store.container_dir(id)),
     };
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
-    let report = dump::checkpoint(&req, &SwrkClient::default(), freezer.as_ref(), &|| {
-        interrupts.interrupted()
-    })?;
+    let criu = SwrkClient::new(&ctx.criu);
+    let launcher = super::guardian::Launcher::new(ctx);
+    let env = DumpEnv {
+        criu: &criu,
+        freezer: freezer.as_ref(),
+        guardian: &launcher,
+        lock: Some(lock.as_fd()),
+        interrupted: &|| interrupts.interrupted(),
+    };
+    let report = dump::checkpoint(&req, &env)?;
     drop(interrupts);
+    for w in &report.warnings {
+        logging::log("warning", w);
+    }
     if let Some(m) = &report.manifest {
         logging::log(
             "debug",
             &format!(
-                "checkpointed {id}: frozen {:.1} ms (freeze {:.2} ms, rootfs {:.1} ms, dump {:.1} ms), total {:.1} ms",
-                m.timings.frozen_ms, m.timings.freeze_ms, m.timings.rootfs_capture_ms, m.timings.dump_ms, m.timings.total_ms
+                "checkpointed {id} into {}: frozen {:.1} ms (freeze {:.2} ms, rootfs {:.1} ms, dump {:.1} ms), digests {:.1} ms, total {:.1} ms",
+                report.image_dir.display(), m.timings.frozen_ms, m.timings.freeze_ms, m.timings.rootfs_capture_ms, m.timings.dump_ms, m.timings.digest_ms, m.timings.total_ms
             ),
         );
     }
