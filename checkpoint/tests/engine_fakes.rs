@@ -29,6 +29,18 @@ impl GuardianLauncher for Listener {
     }
 }
 
+/// An error with all its causes, as the CLI prints it.
+fn full(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 fn checkpoint(
     req: &DumpRequest,
     criu: &dyn CriuClient,
@@ -153,7 +165,7 @@ fn criu_failure_thaws_and_says_so() {
         "CRIU must run inside the freeze"
     );
     assert_eq!(freezer.state().unwrap(), FreezerState::Thawed);
-    let msg = e.to_string();
+    let msg = full(&e);
     assert!(
         msg.contains("dumping with CRIU") && msg.contains("thawed and keeps running"),
         "{msg}"
@@ -180,7 +192,7 @@ fn a_failed_checkpoint_keeps_the_previous_one_whole() {
     checkpoint(&req, &fake(&dir, false), &freezer, &|| false).unwrap();
     let before = std::fs::read(dir.join("img/cryo-manifest.json")).unwrap();
     let e = checkpoint(&req, &fake(&dir, true), &freezer, &|| false).unwrap_err();
-    assert!(e.to_string().contains("dumping with CRIU"), "{e}");
+    assert!(full(&e).contains("dumping with CRIU"), "{}", full(&e));
     assert_eq!(std::fs::read(dir.join("img/cryo-manifest.json")).unwrap(), before);
     cryo_checkpoint::image::verify_image(&dir.join("img")).expect("the old image still verifies");
     assert_eq!(only_entries(&dir), vec!["bundle", "freezer", "img"]);
@@ -200,7 +212,7 @@ fn an_image_path_holding_user_files_is_refused_untouched() {
     std::fs::set_permissions(dir.join("img"), std::fs::Permissions::from_mode(0o1777)).unwrap();
     let freezer = V1Freezer::new(dir.join("freezer"));
     let criu = fake(&dir, false);
-    let e = checkpoint(&req, &criu, &freezer, &|| false).unwrap_err().to_string();
+    let e = full(&checkpoint(&req, &criu, &freezer, &|| false).unwrap_err());
     assert!(e.contains("notes.txt") && e.contains("not touched"), "{e}");
     assert!(criu.seen_state.borrow().is_none(), "refused before CRIU ran");
     assert_eq!(only_entries(&dir.join("img")), vec!["notes.txt"]);
@@ -239,7 +251,7 @@ fn the_log_of_a_failed_checkpoint_is_kept_where_the_error_says() {
     let kept = e.log.clone().expect("the log is kept");
     assert!(kept.starts_with(&dir), "{kept:?}");
     assert!(std::fs::read_to_string(&kept).unwrap().contains("Connected TCP socket"));
-    assert!(e.to_string().contains(&kept.display().to_string()), "{e}");
+    assert!(full(&e).contains(&kept.display().to_string()), "{}", full(&e));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -249,7 +261,7 @@ fn interrupt_during_dump_thaws() {
     let freezer = V1Freezer::new(dir.join("freezer"));
     let criu = fake(&dir, false);
     let e = checkpoint(&req, &criu, &freezer, &|| true).unwrap_err();
-    assert!(e.to_string().contains("interrupted"), "{e}");
+    assert!(full(&e).contains("interrupted"), "{}", full(&e));
     assert_eq!(freezer.state().unwrap(), FreezerState::Thawed);
     assert!(!dir.join("img").exists());
     std::fs::remove_dir_all(&dir).unwrap();
@@ -282,9 +294,7 @@ fn pre_dump_is_refused_before_freezing_with_the_reason() {
     req.flags.pre_dump = true;
     let freezer = V1Freezer::new(dir.join("freezer"));
     let criu = fake(&dir, false);
-    let e = checkpoint(&req, &criu, &freezer, &|| false)
-        .unwrap_err()
-        .to_string();
+    let e = full(&checkpoint(&req, &criu, &freezer, &|| false).unwrap_err());
     assert!(e.contains("CONFIG_MEM_SOFT_DIRTY"), "{e}");
     assert!(
         criu.seen_state.borrow().is_none(),

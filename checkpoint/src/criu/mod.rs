@@ -179,7 +179,7 @@ pub enum CriuError {
     #[error("{0}")]
     Missing(String),
     /// A deadline passed: CRIU was killed.
-    #[error("{what} ran out while CRIU was working; CRIU was stopped\nlog file: {log}{excerpt}")]
+    #[error("{what}; CRIU was stopped\nlog file: {log}{excerpt}")]
     TimedOut {
         /// The deadline's description.
         what: String,
@@ -194,6 +194,39 @@ pub enum CriuError {
         /// The log file.
         log: PathBuf,
     },
+}
+
+impl CriuError {
+    /// The same error naming `log` as CRIU's log file (a copy kept elsewhere).
+    pub fn with_log(self, log: &std::path::Path) -> Self {
+        let log = log.to_path_buf();
+        match self {
+            CriuError::Failed {
+                kind,
+                errno,
+                msg,
+                excerpt,
+                ..
+            } => CriuError::Failed {
+                kind,
+                errno,
+                msg,
+                log,
+                excerpt,
+            },
+            CriuError::Transport {
+                step, detail, excerpt, ..
+            } => CriuError::Transport {
+                step,
+                detail,
+                log,
+                excerpt,
+            },
+            CriuError::TimedOut { what, excerpt, .. } => CriuError::TimedOut { what, log, excerpt },
+            CriuError::Interrupted { .. } => CriuError::Interrupted { log },
+            other => other,
+        }
+    }
 }
 
 /// Features CRIU can be asked about.

@@ -31,6 +31,23 @@ const PARK_FD_FLOOR: RawFd = 100;
 #[derive(Debug, Clone)]
 pub struct SwrkClient {
     binary: PathBuf,
+    /// How long a version or feature query may take.
+    probe_timeout: std::time::Duration,
+}
+
+/// The default limit on a version or feature query (CRIU answers in milliseconds).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Only a deadline: for version and feature queries.
+struct ProbeDeadline(super::Deadline);
+
+impl CallObserver for ProbeDeadline {
+    fn notify(&mut self, _n: Notification<'_>) -> Result<(), String> {
+        Ok(())
+    }
+    fn deadline(&self) -> Option<super::Deadline> {
+        Some(self.0.clone())
+    }
 }
 
 impl Default for SwrkClient {
@@ -51,7 +68,14 @@ impl SwrkClient {
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         Self {
             binary: binary.into(),
+            probe_timeout: PROBE_TIMEOUT,
         }
+    }
+
+    /// The same client, giving version and feature queries at most `limit`.
+    pub fn with_probe_timeout(mut self, limit: std::time::Duration) -> Self {
+        self.probe_timeout = limit;
+        self
     }
 
     fn spawn(
@@ -130,7 +154,16 @@ impl SwrkClient {
     fn simple_request(&self, req: rpc::Criu_req) -> Result<rpc::Criu_resp, CriuError> {
         let session = self.spawn(&[], false, None, PathBuf::from("(no log)"))?;
         session.send(&req)?;
-        let answer = session.recv();
+        let what = format!("{:?}", req.type_()).to_lowercase().replace('_', " ");
+        let deadline = ProbeDeadline(super::Deadline {
+            at: std::time::Instant::now() + self.probe_timeout,
+            what: format!(
+                "{} did not answer a {what} query within {}s (--criu-timeout): is it a working CRIU?",
+                self.binary.display(),
+                self.probe_timeout.as_secs()
+            ),
+        });
+        let answer = session.wait(&deadline).and_then(|()| session.recv());
         let Session {
             mut child, sock, ..
         } = session;

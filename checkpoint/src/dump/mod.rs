@@ -226,7 +226,7 @@ pub enum LeftAs {
 
 /// A failed checkpoint: the step, the cause, what became of the container, where the log is.
 #[derive(Debug, thiserror::Error)]
-#[error("checkpoint of container {id} failed while {step}: {cause}{}{}", left_note(*left), log_note(log))]
+#[error("checkpoint of container {id} failed while {step}{}", left_note(*left))]
 pub struct CheckpointError {
     /// Container id.
     pub id: String,
@@ -243,19 +243,13 @@ pub struct CheckpointError {
 
 fn left_note(left: LeftAs) -> &'static str {
     match left {
-        LeftAs::Untouched => "; the container was not touched",
-        LeftAs::Thawed => "; the container was thawed and keeps running",
-        LeftAs::Paused => "; the container was left paused, as it was before",
+        LeftAs::Untouched => " (the container was not touched)",
+        LeftAs::Thawed => " (the container was thawed and keeps running)",
+        LeftAs::Paused => " (the container was left paused, as it was before)",
         LeftAs::Unknown => {
-            "; thawing the container failed (cryo's guardian tries again): check it with `cryo state`"
+            " (thawing the container failed and cryo's guardian tries again: check it with `cryo state`)"
         }
     }
-}
-
-fn log_note(log: &Option<PathBuf>) -> String {
-    log.as_ref()
-        .map(|l| format!("; CRIU's full log: {}", l.display()))
-        .unwrap_or_default()
 }
 
 /// How long a container of `memory` bytes may stay frozen by default: long enough that a

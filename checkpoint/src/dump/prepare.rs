@@ -160,12 +160,19 @@ impl<'r, 'a> Prepared<'r, 'a> {
 
     /// A failure of a later step, with CRIU's log kept when it would go with the image.
     pub(super) fn fail(&self, step: &'static str, cause: DumpError, left: LeftAs) -> CheckpointError {
+        let log = self.keep_log();
+        // CRIU's error names its log where CRIU wrote it; if that goes with the staging
+        // directory, name the copy instead.
+        let cause = match (cause, &log) {
+            (DumpError::Criu(e), Some(kept)) => DumpError::Criu(e.with_log(kept)),
+            (other, _) => other,
+        };
         CheckpointError {
             id: self.req.id.clone(),
             step,
             cause,
             left,
-            log: self.keep_log(),
+            log,
         }
     }
 

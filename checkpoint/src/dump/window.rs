@@ -104,7 +104,7 @@ impl CallObserver for Window<'_, '_, '_> {
         let call = Deadline {
             at: self.call_deadline,
             what: format!(
-                "CRIU's time (--criu-timeout {}s)",
+                "CRIU worked for longer than --criu-timeout {}s",
                 self.p.req.criu_timeout.as_secs()
             ),
         };
@@ -114,7 +114,8 @@ impl CallObserver for Window<'_, '_, '_> {
         let freeze = Deadline {
             at: f.since + self.p.freeze_timeout,
             what: format!(
-                "the freeze's time (--freeze-timeout {}s)",
+                "the container stayed frozen for --freeze-timeout {}s while CRIU was still \
+                 dumping (raise it for a container this big)",
                 self.p.freeze_timeout.as_secs()
             ),
         };

@@ -177,7 +177,7 @@ pub enum RestoreCause {
 
 /// A failed restore: the step and the cause. Everything the restore made was undone.
 #[derive(Debug, thiserror::Error)]
-#[error("restore of container {id} failed while {step}: {cause}{}", undo_note(undo_problems))]
+#[error("restore of container {id} failed while {step}{}", undo_note(undo_problems))]
 pub struct RestoreError {
     /// Container id.
     pub id: String,
@@ -195,7 +195,7 @@ fn undo_note(problems: &[String]) -> String {
         String::new()
     } else {
         format!(
-            "; undoing the restore left problems ({}): `cryo delete --force` retries",
+            " (undoing the restore left problems: {}; `cryo delete --force` retries)",
             problems.join("; ")
         )
     }

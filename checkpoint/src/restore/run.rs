@@ -332,7 +332,10 @@ impl Steps<'_, '_, '_> {
                 restored: None,
                 deadline: Deadline {
                     at: t_criu + req.criu_timeout,
-                    what: format!("CRIU's time (--criu-timeout {}s)", req.criu_timeout.as_secs()),
+                    what: format!(
+                        "CRIU worked for longer than --criu-timeout {}s",
+                        req.criu_timeout.as_secs()
+                    ),
                 },
                 interrupted: self.env.interrupted,
             };

@@ -90,7 +90,8 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         failure_log_dir: Some(ctx.store.container_dir(id)),
     };
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
-    let criu = SwrkClient::new(&ctx.criu);
+    let criu = SwrkClient::new(&ctx.criu)
+        .with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
     let launcher = super::guardian::Launcher::new(ctx);
     let env = DumpEnv {
         criu: &criu,

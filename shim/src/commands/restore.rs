@@ -81,7 +81,8 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     };
     let mut host = Host::new(id, &bundle.spec, &bundle.dir, youki_cfg.cgroup_path.clone());
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
-    let criu = SwrkClient::new(&ctx.criu);
+    let criu = SwrkClient::new(&ctx.criu)
+        .with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
     let launcher = super::guardian::Launcher::new(ctx);
     let env = RestoreEnv {
         criu: &criu,
