@@ -5,6 +5,7 @@ pub mod descriptors;
 pub mod dump;
 pub mod facts;
 pub mod flags;
+pub mod gpu;
 pub mod manifest;
 pub mod page_receiver;
 pub mod pages;

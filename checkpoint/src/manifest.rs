@@ -123,6 +123,9 @@ pub struct Manifest {
     pub pages: Option<PagesRecord>,
     /// Step timings.
     pub timings: Timings,
+    /// GPU: the container's CUDA state went through CRIU's CUDA plugin ([`crate::gpu`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<crate::gpu::GpuRecord>,
 }
 
 /// The page receiver's account ([`crate::page_receiver`]).
@@ -238,6 +241,16 @@ mod tests {
                 staged_bytes: 4096,
             }),
             timings: Timings::default(),
+            gpu: Some(crate::gpu::GpuRecord {
+                driver_version: "580.159.04".into(),
+                devices: vec!["/dev/nvidia0".into()],
+                cuda_pids: 1,
+                plugin_timings: Some(crate::gpu::PluginTimings {
+                    lock_ms: 1.5,
+                    checkpoint_ms: 547.0,
+                    resume_ms: 393.0,
+                }),
+            }),
         }
     }
 

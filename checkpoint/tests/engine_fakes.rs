@@ -86,6 +86,7 @@ fn setup(name: &str, initial: &str) -> (PathBuf, DumpRequest) {
         // The fake CRIU does not speak the page-server protocol.
         stage_pages: false,
         freeze_timeout: Duration::from_secs(1),
+        gpu: None,
     };
     (dir, req)
 }

@@ -1,6 +1,7 @@
 //! The real [`CriuClient`]: spawns `criu swrk 3` per request and speaks protobuf over a
 //! SOCK_SEQPACKET socketpair, one message per packet.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -28,6 +29,8 @@ const PARK_FD_FLOOR: RawFd = 100;
 #[derive(Debug, Clone)]
 pub struct SwrkClient {
     binary: PathBuf,
+    /// Environment variables CRIU gets on top of ours (a GPU container's PATH).
+    env: Vec<(OsString, OsString)>,
 }
 
 impl Default for SwrkClient {
@@ -48,7 +51,14 @@ impl SwrkClient {
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         Self {
             binary: binary.into(),
+            env: Vec::new(),
         }
+    }
+
+    /// The same client, with `key=value` in CRIU's environment (and so its plugins' tools').
+    pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
     }
 
     fn spawn(
@@ -86,6 +96,7 @@ impl SwrkClient {
             .collect();
         let mut cmd = Command::new(&self.binary);
         cmd.arg("swrk").arg("3");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if inherit_stdio {
             cmd.stdin(Stdio::inherit())
                 .stdout(Stdio::inherit())

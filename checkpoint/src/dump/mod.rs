@@ -86,6 +86,9 @@ pub struct DumpRequest {
     pub stage_pages: bool,
     /// How long the freeze may take.
     pub freeze_timeout: Duration,
+    /// GPU: how this NVIDIA GPU container's CUDA state is checkpointed (`None`: no GPU).
+    /// `criu` must then run CRIU as [`crate::gpu::GpuPlan::swrk_client`] does.
+    pub gpu: Option<crate::gpu::GpuPlan>,
 }
 
 /// What a successful checkpoint produced.
@@ -189,12 +192,15 @@ pub fn checkpoint(
     // finds the cgroup frozen and leaves it so. The open files are listed frozen, before CRIU
     // dumps (with --tcp-established and no --leave-running CRIU kills the tasks at its end).
     let raw_changeset = req.image_dir.join(rootfs::RAW_CHANGESET);
+    // GPU (crate::gpu): CRIU's CUDA plugin has CRIU thaw the cgroup after the pre-dump
+    // notification; open files and the rootfs are then taken after the dump, frozen again.
+    let still_at_pre_dump = req.gpu.as_ref().is_none_or(|g| g.tree_still_at_pre_dump());
     let mut capture = match (&rootfs_kind, req.flags.pre_dump) {
         (Some(RootfsKind::Overlay { upper_dir, .. }), false) => Some(UpperCapture::prepare(
             upper_dir,
             &raw_changeset,
             &req.image_dir.join(rootfs::COMPRESSED_CHANGESET),
-            !req.flags.link_remap,
+            !req.flags.link_remap && still_at_pre_dump,
         )),
         _ => None,
     };
@@ -225,22 +231,13 @@ pub fn checkpoint(
                     })?;
                     let paused = g.was_frozen_before();
                     frozen = Some((g, t, ms(t.elapsed())));
-                    if !req.flags.pre_dump {
-                        let pids = facts::cgroup_pids(freezer.path());
-                        open_files = rootfs::collect_open_files(&pids, &req.rootfs)
-                            .map_err(|e| {
-                                let mut err = fail("listing open files", e.to_string());
+                    if !req.flags.pre_dump && still_at_pre_dump {
+                        open_files =
+                            list_open_files(freezer.path(), &req.rootfs).inspect_err(|e| {
+                                let mut err = fail("listing open files", e.clone());
                                 err.after = thawed_or_paused(paused);
                                 frozen_err = Some(err);
-                                e.to_string()
-                            })?
-                            .into_iter()
-                            .filter(|f| !f.deleted)
-                            .map(|f| OpenFileRecord {
-                                path: f.path,
-                                size: f.size,
-                            })
-                            .collect();
+                            })?;
                     }
                     // The container's tree is still; only CRIU's own temporary directory may
                     // come and go in it (see rootfs::FrozenTop).
@@ -286,6 +283,12 @@ pub fn checkpoint(
     };
     let mut guard = Some(guard);
     let dump_ms = ms(t_dump.elapsed());
+    // GPU: CRIU has frozen the container again before letting its tasks go (it found it
+    // frozen at its start); the tree is still from here on.
+    if !still_at_pre_dump && !req.flags.pre_dump && !criu_kills {
+        open_files = list_open_files(freezer.path(), &req.rootfs)
+            .map_err(|e| fail_frozen("listing open files", e, None))?;
+    }
     if interrupted() {
         return Err(fail_frozen(
             "dumping",
@@ -410,6 +413,7 @@ pub fn checkpoint(
         compressed_pages,
         pages,
         timings,
+        gpu: req.gpu.as_ref().map(|g| g.record(&log)),
     };
     manifest
         .write(&req.image_dir)
@@ -426,6 +430,23 @@ pub fn checkpoint(
         manifest: Some(manifest),
         stopped: stop,
     })
+}
+
+/// The regular files the container's processes hold open (deleted ones left out).
+fn list_open_files(
+    cgroup: &std::path::Path,
+    rootfs: &std::path::Path,
+) -> Result<Vec<OpenFileRecord>, String> {
+    let pids = facts::cgroup_pids(cgroup);
+    Ok(rootfs::collect_open_files(&pids, rootfs)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|f| !f.deleted)
+        .map(|f| OpenFileRecord {
+            path: f.path,
+            size: f.size,
+        })
+        .collect())
 }
 
 /// Whether cryo receives the pages itself: for a full dump whose pages stay local (not lazy,
