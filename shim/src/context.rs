@@ -10,4 +10,6 @@ pub struct Context {
     pub store: StateStore,
     /// `--root`.
     pub root: PathBuf,
+    /// Where GPU checkpointing looks for cuda-checkpoint and CRIU's CUDA plugin.
+    pub gpu: cryo_checkpoint::gpu::GpuLookup,
 }

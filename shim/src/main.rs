@@ -39,6 +39,10 @@ fn main() {
     let ctx = Context {
         store: cryo_oci::StateStore::new(&cli.root),
         root: cli.root.clone(),
+        gpu: cryo_checkpoint::gpu::GpuLookup::system(
+            cli.cuda_checkpoint.clone(),
+            cli.criu_plugin_dir.clone(),
+        ),
     };
     let result = match command {
         Command::Create(a) => commands::lifecycle::create(&ctx, &a),
@@ -54,7 +58,7 @@ fn main() {
         Command::Resume(a) => commands::lifecycle::resume(&ctx, &a.container_id),
         Command::Events(a) => commands::info::events(&ctx, &a),
         Command::Update(a) => commands::info::update(&ctx, &a),
-        Command::Features => commands::info::features(),
+        Command::Features => commands::info::features(&ctx),
         Command::Spec(a) => commands::info::spec(&a),
         Command::Checkpoint(a) => commands::checkpoint::checkpoint(&ctx, &a),
         Command::Restore(a) => commands::restore::restore(&ctx, &a),

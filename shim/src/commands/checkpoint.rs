@@ -3,11 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context as _;
-use cryo_cgroup::{freezer_for, ContainerCgroup};
+use anyhow::{bail, Context as _};
+use cryo_cgroup::{freezer_for, ContainerCgroup, Freezer, FreezerState};
 use cryo_checkpoint::criu::swrk::SwrkClient;
 use cryo_checkpoint::dump::{self, DumpRequest, SnapshotMode};
 use cryo_checkpoint::flags::{CommonFlags, DumpFlags};
+use cryo_checkpoint::gpu;
 use cryo_checkpoint::signals::InterruptGuard;
 use cryo_oci::Verb;
 
@@ -29,6 +30,26 @@ pub fn image_dir(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// After a failed checkpoint of a GPU container: bring back the CUDA state CRIU's plugin could
+/// not (CRIU killed mid-dump), unless the container is paused (the tool would wait on frozen
+/// processes); what was done joins the error.
+fn recover_gpu(plan: &gpu::GpuPlan, freezer: &dyn Freezer, e: dump::DumpError) -> anyhow::Error {
+    let frozen = freezer.state().map_or(true, |s| s != FreezerState::Thawed);
+    let notes = if frozen {
+        vec![
+            "the container is paused: its CUDA state was not checked (resume it, then run \
+              `cuda-checkpoint --get-state --pid <pid>` on its processes)"
+                .to_string(),
+        ]
+    } else {
+        plan.recover(&cryo_checkpoint::facts::cgroup_pids(freezer.path()))
+    };
+    if notes.is_empty() {
+        return e.into();
+    }
+    anyhow::anyhow!("{e}; GPU state after the failure: {}", notes.join("; "))
+}
+
 /// `checkpoint`
 pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
@@ -41,6 +62,16 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         .as_raw();
     let bundle = container.bundle().clone();
     let spec = cryo_oci::load_spec(&bundle)?;
+    // A GPU container this machine cannot checkpoint is refused here, before anything is
+    // touched, with every reason.
+    let gpu = gpu::preflight(&spec, &ctx.gpu)
+        .with_context(|| format!("cannot checkpoint container {id}"))?;
+    if gpu.is_some() && a.pre_dump {
+        bail!(
+            "cannot pre-dump container {id}: it uses an NVIDIA GPU, and CRIU's CUDA plugin \
+             does not take part in pre-dumps; take a full checkpoint"
+        );
+    }
     let record = ctx.store.load(id)?;
     let rootfs = match &record {
         Some(r) => r.rootfs.clone(),
@@ -92,11 +123,19 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         compress_pages: a.compress_pages,
         stage_pages: !a.no_page_staging,
         freeze_timeout: FREEZE_TIMEOUT,
+        gpu,
     };
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
-    let report = dump::checkpoint(&req, &SwrkClient::default(), freezer.as_ref(), &|| {
-        interrupts.interrupted()
-    })?;
+    let interrupted = || interrupts.interrupted();
+    let report = match &req.gpu {
+        None => dump::checkpoint(&req, &SwrkClient::default(), freezer.as_ref(), &interrupted)?,
+        Some(plan) => {
+            let swrk = plan.swrk_client();
+            let criu = gpu::GpuCriu::new(&swrk);
+            dump::checkpoint(&req, &criu, freezer.as_ref(), &interrupted)
+                .map_err(|e| recover_gpu(plan, freezer.as_ref(), e))?
+        }
+    };
     drop(interrupts);
     if let Some(m) = &report.manifest {
         logging::log(

@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
-use cryo_checkpoint::criu::swrk::SwrkClient;
+use cryo_checkpoint::criu::{swrk::SwrkClient, CriuClient};
 use cryo_checkpoint::flags::CommonFlags;
+use cryo_checkpoint::gpu;
+use cryo_checkpoint::manifest::Manifest;
 use cryo_checkpoint::restore::{self, RestoreFlags, RestoreHost, RestoreRequest};
 use cryo_oci::{Bundle, ContainerRecord};
 use libcgroups::common::{
@@ -31,6 +33,14 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         bail!("container with id {id} already exists: restore under another id or delete it first");
     }
     let image_dir = image_dir(a.image_path.as_deref())?;
+    // An image with CUDA state, or a GPU bundle, that this machine cannot restore is refused
+    // here, before anything is created, with every reason.
+    let image_gpu = Manifest::read(&image_dir)
+        .ok()
+        .flatten()
+        .and_then(|m| m.gpu);
+    let gpu = gpu::restore_preflight(&bundle.spec, image_gpu.as_ref(), &image_dir, &ctx.gpu)
+        .with_context(|| format!("cannot restore container {id}"))?;
     let work_dir = a.work_path.clone().unwrap_or_else(|| image_dir.clone());
     let container_dir = ctx.store.container_dir(id);
     std::fs::create_dir_all(&container_dir)
@@ -74,13 +84,28 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         },
     };
     let mut host = Host::new(id, &bundle.spec, &bundle.dir, youki_cfg.cgroup_path.clone());
-    let report = match restore::restore(&req, &SwrkClient::default(), &mut host) {
+    let swrk = gpu
+        .as_ref()
+        .map_or_else(SwrkClient::default, |p| p.swrk_client());
+    let gpu_criu = gpu::GpuCriu::new(&swrk);
+    let criu: &dyn CriuClient = if gpu.is_some() { &gpu_criu } else { &swrk };
+    let report = match restore::restore(&req, criu, &mut host) {
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&container_dir);
             return Err(e.into());
         }
     };
+    if let Some(plugin) = gpu_criu.last_plugin_log() {
+        crate::logging::log(
+            "debug",
+            &format!(
+                "CRIU's CUDA plugin resumed {} process(es): {:.1} ms",
+                plugin.cuda_pids.len(),
+                plugin.timings.map_or(0.0, |t| t.resume_ms)
+            ),
+        );
+    }
     let mut container = Container::new(
         id,
         ContainerStatus::Running,
