@@ -12,9 +12,10 @@
 #   - a rootfs holding PROGRAM and the shared libraries it (and libcuda) loads, copied from the
 #     host, plus busybox when there is one (for `cryo exec … sh`).
 # No network namespace: the container shares the host's network, so nothing (no `ip`) has to
-# set one up. The spec's /sys/fs/cgroup mount is kept unless --no-cgroup-mount is given.
+# set one up. The spec's /sys/fs/cgroup mount is kept unless --no-cgroup-mount is given;
+# --env KEY=VALUE (repeatable) adds to the process's environment.
 #
-# Usage: examples/gpu-bundle.sh [--no-cgroup-mount] DIR PROGRAM [ARGS...]
+# Usage: examples/gpu-bundle.sh [--no-cgroup-mount] [--env KEY=VALUE]... DIR PROGRAM [ARGS...]
 # Environment:
 #   CRYO            the cryo binary that writes the base spec (default: target/debug/cryo)
 #   NVIDIA_DEV_DIR  where the device nodes are (default /dev)
@@ -24,12 +25,17 @@
 set -euo pipefail
 
 cgroup_mount=1
-if [ "${1:-}" = --no-cgroup-mount ]; then
-  cgroup_mount=0
+extra_env=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --no-cgroup-mount) cgroup_mount=0 ;;
+    --env) extra_env+=("${2:?--env needs KEY=VALUE}"); shift ;;
+    *) break ;;
+  esac
   shift
-fi
+done
 if [ $# -lt 2 ]; then
-  echo "usage: $0 [--no-cgroup-mount] DIR PROGRAM [ARGS...]" >&2
+  echo "usage: $0 [--no-cgroup-mount] [--env KEY=VALUE]... DIR PROGRAM [ARGS...]" >&2
   exit 2
 fi
 dir=$1
@@ -105,19 +111,20 @@ fi
 
 rm -f "$dir/config.json"
 "$cryo" spec --bundle "$dir"
-python3 - "$dir/config.json" "$cgroup_mount" "$app" "$@" <<'PY' 3<<<"$(printf '%s\n' "${devices[@]}")" 4<<<"$(printf '%s\n' "${mounts[@]}")"
+python3 - "$dir/config.json" "$cgroup_mount" "$app" "$@" <<'PY' 3<<<"$(printf '%s\n' "${devices[@]}")" 4<<<"$(printf '%s\n' "${mounts[@]}")" 5<<<"$(printf '%s\n' "${extra_env[@]}")"
 import json, os, sys
 
 path, cgroup_mount, args = sys.argv[1], sys.argv[2] == "1", sys.argv[3:]
 devices = [l.split() for l in os.fdopen(3).read().splitlines() if l.strip()]
 mounts = [l.split() for l in os.fdopen(4).read().splitlines() if l.strip()]
+extra_env = [l for l in os.fdopen(5).read().splitlines() if l.strip()]
 c = json.load(open(path))
 p = c["process"]
 p["terminal"] = False
 p["args"] = args
 p["env"] = [e for e in p.get("env", []) if not e.startswith("LD_LIBRARY_PATH=")] + [
     "LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu:/lib64:/usr/lib64",
-]
+] + extra_env
 c["root"]["readonly"] = False
 linux = c["linux"]
 linux["namespaces"] = [n for n in linux["namespaces"] if n["type"] != "network"]

@@ -101,10 +101,13 @@ impl Rig {
     /// examples/gpu-bundle.sh for `program args`, with FAKE_CUDA_ID=`cuda_id` in its env.
     fn bundle(&self, name: &str, cuda_id: &str, args: &[&str], extra: &[(&str, &str)]) -> PathBuf {
         let b = self.dir.join(name);
-        let (flags, program): (Vec<&str>, Vec<&str>) =
-            args.iter().partition(|a| a.starts_with("--"));
+        let (flags, program) = match args.first() {
+            Some(&"--no-cgroup-mount") => (&args[..1], &args[1..]),
+            _ => (&args[..0], args),
+        };
         let out = Command::new(workspace().join("examples/gpu-bundle.sh"))
             .args(flags)
+            .args(["--env", &format!("FAKE_CUDA_ID={cuda_id}")])
             .arg(&b)
             .args(program)
             .env("CRYO", cryo_tests::cryo_bin())
@@ -118,12 +121,6 @@ impl Rig {
             "gpu-bundle.sh failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let cfg = b.join("config.json");
-        let mut v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
-        let env = v["process"]["env"].as_array_mut().unwrap();
-        env.push(format!("FAKE_CUDA_ID={cuda_id}").into());
-        std::fs::write(&cfg, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
         b
     }
 
@@ -303,6 +300,11 @@ fn the_bundle_generator_gives_devices_rules_and_read_only_driver_libraries() {
     let namespaces = cfg["linux"]["namespaces"].to_string();
     assert!(!namespaces.contains("network"), "{namespaces}");
     assert!(cfg["mounts"].to_string().contains("/sys/fs/cgroup"));
+    let env = cfg["process"]["env"].to_string();
+    assert!(
+        env.contains("FAKE_CUDA_ID=x") && env.contains("LD_LIBRARY_PATH=/usr/local/nvidia/lib64:"),
+        "{env}"
+    );
     assert!(b.join("rootfs/app/busybox").exists() && b.join("rootfs/bin/sh").exists());
 
     let run_id = unique("gpu-bundle");
