@@ -27,7 +27,9 @@
 //! - The plugin's own steps are timed from its lines in CRIU's log ([`plugin_log`]) and kept
 //!   in the manifest ([`GpuRecord`]).
 //! - After a failed checkpoint cryo brings back the CUDA state of any process left locked or
-//!   checkpointed (CRIU killed before its plugin could): [`GpuPlan::recover`].
+//!   checkpointed ([`GpuPlan::recover`]): CRIU killed before its plugin could resume it, or
+//!   CRIU 4.2.1's plugin itself after a failed checkpoint step (it tries a restore on a process
+//!   that is only locked, which fails, and skips the unlock).
 
 mod client;
 pub mod plugin_log;
@@ -41,7 +43,6 @@ use serde::{Deserialize, Serialize};
 
 pub use client::GpuCriu;
 pub use plugin_log::{PluginLog, PluginTimings};
-pub use tool::ToolRun;
 
 /// NVIDIA's tool; CRIU's plugin runs it by this name from CRIU's PATH.
 pub const TOOL_NAME: &str = "cuda-checkpoint";

@@ -14,17 +14,17 @@ const HELP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one action may take (a restore copies the device memory back).
 const ACTION_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A finished (or killed) run of the tool.
+/// A finished run of the tool.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ToolRun {
+pub(super) struct ToolRun {
     /// Exited with status 0.
-    pub success: bool,
+    pub(super) success: bool,
     /// stdout and stderr, trimmed.
-    pub output: String,
+    pub(super) output: String,
 }
 
 /// Run `tool args…` for at most `timeout`; killed (and said so) when it takes longer.
-pub fn run(tool: &Path, args: &[&str], timeout: Duration) -> Result<ToolRun, String> {
+pub(super) fn run(tool: &Path, args: &[&str], timeout: Duration) -> Result<ToolRun, String> {
     let mut child = Command::new(tool)
         .args(args)
         .stdin(Stdio::null())
