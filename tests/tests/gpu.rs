@@ -17,18 +17,21 @@ use cryo_tests::{unique, workspace, Bundle, Runtime};
 /// The plugin scripts/setup builds.
 const PLUGIN: &str = "/opt/cryo/criu/plugins/cuda_plugin.so";
 
-/// tests/gpu/cpu-counter.c, built once (static) for every test here.
+/// tests/gpu/cpu-counter.c, built once (static) for every test here, in cargo's test scratch
+/// directory under target/.
 fn counter() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let out = std::env::temp_dir().join(unique("cryo-cpu-counter"));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let (building, out) = (dir.join(unique("cpu-counter")), dir.join("cpu-counter"));
         let st = Command::new("cc")
             .args(["-O2", "-static", "-pthread", "-o"])
-            .arg(&out)
+            .arg(&building)
             .arg(workspace().join("tests/gpu/cpu-counter.c"))
             .status()
             .expect("cc is missing: run scripts/setup (installs build-essential)");
         assert!(st.success(), "building tests/gpu/cpu-counter.c failed");
+        std::fs::rename(&building, &out).unwrap();
         out
     })
 }
