@@ -7,6 +7,7 @@ pub mod facts;
 pub mod flags;
 pub mod guardian;
 pub mod image;
+pub mod gpu;
 pub mod manifest;
 pub mod page_receiver;
 pub mod pages;

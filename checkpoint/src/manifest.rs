@@ -24,9 +24,11 @@ pub const FORMAT: &str = "cryo.checkpoint/v2";
 /// The previous format, still read (no file digests: restored with a warning).
 pub const FORMAT_V1: &str = "cryo.checkpoint/v1";
 /// Requirements this build understands (see [`Manifest::requires`]).
-pub const KNOWN_REQUIREMENTS: &[&str] = &[REQ_COMPRESSED_PAGES, REQ_PAX_SPARSE];
+pub const KNOWN_REQUIREMENTS: &[&str] = &[REQ_COMPRESSED_PAGES, REQ_PAX_SPARSE, REQ_CUDA];
 /// The page images are stored zstd-compressed (`--compress-pages`).
 pub const REQ_COMPRESSED_PAGES: &str = "compressed-pages";
+/// The image holds CUDA state: it restores only through CRIU's CUDA plugin ([`crate::gpu`]).
+pub const REQ_CUDA: &str = "cuda";
 /// Sparse files in the changeset use GNU's PAX sparse map.
 pub const REQ_PAX_SPARSE: &str = "changeset-pax-sparse";
 /// The JSON key of the manifest's own digest.
@@ -146,6 +148,9 @@ pub struct Manifest {
     pub pages: Option<PagesRecord>,
     /// Step timings.
     pub timings: Timings,
+    /// GPU: the container's CUDA state went through CRIU's CUDA plugin ([`crate::gpu`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<crate::gpu::GpuRecord>,
     /// Every file of the image (but this one and CRIU's logs) with its size and digest.
     #[serde(default)]
     pub files: Vec<FileRecord>,
@@ -333,6 +338,16 @@ pub(crate) mod tests {
                 staged_bytes: 4096,
             }),
             timings: Timings::default(),
+            gpu: Some(crate::gpu::GpuRecord {
+                driver_version: "580.159.04".into(),
+                devices: vec!["/dev/nvidia0".into()],
+                cuda_pids: 1,
+                plugin_timings: Some(crate::gpu::PluginTimings {
+                    lock_ms: 1.5,
+                    checkpoint_ms: 547.0,
+                    resume_ms: 393.0,
+                }),
+            }),
             files: vec![FileRecord {
                 name: "core-1.img".into(),
                 size: 3,

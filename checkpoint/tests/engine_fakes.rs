@@ -140,6 +140,7 @@ fn setup(name: &str, initial: &str) -> (PathBuf, DumpRequest) {
         freeze_timeout: Some(Duration::from_secs(1)),
         criu_timeout: Duration::from_secs(60),
         failure_log_dir: Some(dir.clone()),
+        gpu: None,
     };
     (dir, req)
 }

@@ -26,6 +26,13 @@ pub struct Cli {
     /// The CRIU binary to run (default: `criu` on PATH).
     #[arg(long, global = true)]
     pub criu: Option<PathBuf>,
+    /// GPU containers: NVIDIA's cuda-checkpoint (default: $CRYO_CUDA_CHECKPOINT, else PATH).
+    #[arg(long = "cuda-checkpoint", global = true)]
+    pub cuda_checkpoint: Option<PathBuf>,
+    /// GPU containers: the directory holding CRIU's cuda_plugin.so (default:
+    /// $CRYO_CRIU_PLUGIN_DIR, else /opt/cryo/criu/plugins, /usr/lib/criu, /usr/local/lib/criu).
+    #[arg(long = "criu-plugin-dir", global = true)]
+    pub criu_plugin_dir: Option<PathBuf>,
     /// Accepted for compatibility (runc's rootless detection).
     #[arg(long, global = true)]
     pub rootless: Option<String>,

@@ -18,6 +18,8 @@ pub struct Context {
     pub log: Option<PathBuf>,
     /// `--log-format`.
     pub log_format: LogFormat,
+    /// Where GPU checkpointing looks for cuda-checkpoint and CRIU's CUDA plugin.
+    pub gpu: cryo_checkpoint::gpu::GpuLookup,
 }
 
 impl Context {

@@ -42,6 +42,10 @@ fn main() {
         criu: cli.criu.clone().unwrap_or_else(|| "criu".into()),
         log: cli.log.clone(),
         log_format: cli.log_format,
+        gpu: cryo_checkpoint::gpu::GpuLookup::system(
+            cli.cuda_checkpoint.clone(),
+            cli.criu_plugin_dir.clone(),
+        ),
     };
     let result = match command {
         Command::Create(a) => commands::lifecycle::create(&ctx, &a),
@@ -57,7 +61,7 @@ fn main() {
         Command::Resume(a) => commands::lifecycle::resume(&ctx, &a.container_id),
         Command::Events(a) => commands::info::events(&ctx, &a),
         Command::Update(a) => commands::info::update(&ctx, &a),
-        Command::Features => commands::info::features(),
+        Command::Features => commands::info::features(&ctx),
         Command::Spec(a) => commands::info::spec(&a),
         Command::Checkpoint(a) => commands::checkpoint::checkpoint(&ctx, &a),
         Command::Restore(a) => commands::restore::restore(&ctx, &a),

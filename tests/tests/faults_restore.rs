@@ -57,6 +57,25 @@ fn good_image(rt: &Runtime, lower: &Lower, keep: &Path) -> PathBuf {
     img
 }
 
+/// Wait until `child` (a restore of `id` under `rt`) runs CRIU's restore itself: its journal
+/// records the cgroup (the last thing made before CRIU) and a CRIU child runs. Returns CRIU's
+/// pid.
+fn wait_for_restoring_criu(rt: &Runtime, id: &str, child: &mut std::process::Child) -> i32 {
+    let journal = rt.root.join(id).join("restore-journal.json");
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(child.try_wait().unwrap().is_none(), "the restore ended before CRIU restored");
+        assert!(Instant::now() < end, "CRIU's restore never started");
+        let recorded = std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("cgroup_path"));
+        if recorded {
+            if let Some(c) = criu_child(child.id()) {
+                return c;
+            }
+        }
+        std::thread::sleep(Duration::from_micros(300));
+    }
+}
+
 /// `cp -a` of an image.
 fn copy_image(from: &Path, to: &Path) {
     let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
@@ -290,12 +309,7 @@ fn a_killed_restore_is_undone_and_delete_never_touches_the_rootfs() {
     let before = tree_digest(&b.rootfs());
     let id = unique("killed");
     let mut child = spawn(&rt, &restore_args(&b, &img, &id));
-    let end = Instant::now() + Duration::from_secs(30);
-    while criu_child(child.id()).is_none() {
-        assert!(child.try_wait().unwrap().is_none(), "the restore ended before CRIU was seen");
-        assert!(Instant::now() < end, "CRIU never started");
-        std::thread::sleep(Duration::from_micros(300));
-    }
+    wait_for_restoring_criu(&rt, &id, &mut child);
     signal(child.id() as i32, Signal::SIGKILL);
     let _ = child.wait();
     assert_nothing_left(&rt, &id, &b.rootfs(), &before);
@@ -388,15 +402,7 @@ fn a_hung_restore_times_out_or_is_interrupted_and_undone() {
             args.insert(3, "3");
         }
         let mut child = spawn(&rt, &args);
-        let end = Instant::now() + Duration::from_secs(30);
-        let criu = loop {
-            if let Some(c) = criu_child(child.id()) {
-                break c;
-            }
-            assert!(child.try_wait().unwrap().is_none(), "the restore ended before CRIU was seen");
-            assert!(Instant::now() < end, "CRIU never started");
-            std::thread::sleep(Duration::from_micros(300));
-        };
+        let criu = wait_for_restoring_criu(&rt, &id, &mut child);
         signal(criu, Signal::SIGSTOP);
         if how == "sigterm" {
             std::thread::sleep(Duration::from_millis(300));

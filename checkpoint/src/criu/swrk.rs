@@ -1,6 +1,7 @@
 //! The real [`CriuClient`]: spawns `criu swrk 3` per request and speaks protobuf over a
 //! SOCK_SEQPACKET socketpair, one message per packet.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -33,6 +34,8 @@ pub struct SwrkClient {
     binary: PathBuf,
     /// How long a version or feature query may take.
     probe_timeout: std::time::Duration,
+    /// Environment variables CRIU gets on top of ours (a GPU container's PATH).
+    env: Vec<(OsString, OsString)>,
 }
 
 /// The default limit on a version or feature query (CRIU answers in milliseconds).
@@ -69,12 +72,19 @@ impl SwrkClient {
         Self {
             binary: binary.into(),
             probe_timeout: PROBE_TIMEOUT,
+            env: Vec::new(),
         }
     }
 
     /// The same client, giving version and feature queries at most `limit`.
     pub fn with_probe_timeout(mut self, limit: std::time::Duration) -> Self {
         self.probe_timeout = limit;
+        self
+    }
+
+    /// The same client, with `key=value` in CRIU's environment (and so its plugins' tools').
+    pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -114,6 +124,7 @@ impl SwrkClient {
             .collect();
         let mut cmd = Command::new(&self.binary);
         cmd.arg("swrk").arg("3");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if inherit_stdio {
             cmd.stdin(Stdio::inherit())
                 .stdout(Stdio::inherit())

@@ -153,6 +153,14 @@ impl<'r, 'a> Dumped<'r, 'a> {
         if !compressed_pages.is_empty() {
             requires.push(manifest::REQ_COMPRESSED_PAGES.to_string());
         }
+        let gpu = p
+            .req
+            .gpu
+            .as_ref()
+            .map(|g| g.record(&p.work_dir.join(p.kind.log_name())));
+        if gpu.is_some() {
+            requires.push(manifest::REQ_CUDA.to_string());
+        }
         timings.total_ms = ms(p.started.elapsed());
         timings.after_thaw_ms = t_thaw.map_or(0.0, |t| ms(t.elapsed()));
         let manifest = Manifest {
@@ -172,6 +180,7 @@ impl<'r, 'a> Dumped<'r, 'a> {
             compressed_pages,
             pages,
             timings,
+            gpu,
             files,
             requires,
             manifest_blake3: String::new(),

@@ -109,6 +109,9 @@ pub struct DumpRequest {
     /// Where to keep CRIU's log of a failed checkpoint whose log would go with the image
     /// (the image is removed): the container's state directory.
     pub failure_log_dir: Option<PathBuf>,
+    /// How this NVIDIA GPU container's CUDA state is checkpointed (`None`: no GPU). CRIU must
+    /// then run as [`crate::gpu::GpuPlan::swrk_client`] sets it up.
+    pub gpu: Option<crate::gpu::GpuPlan>,
 }
 
 /// The seams a checkpoint goes through: CRIU, the freezer, the guardian, the container's lock

@@ -32,6 +32,12 @@ pub(super) struct Prepared<'r, 'a> {
     pub(super) rootfs_kind: Option<RootfsKind>,
     pub(super) work_dir: PathBuf,
     pub(super) freeze_timeout: Duration,
+    /// CRIU kills the tasks itself at its end (--tcp-established without --leave-running).
+    pub(super) criu_kills: bool,
+    /// The tree stays still from CRIU's pre-dump notification to the end of its dump (not
+    /// with a GPU: the CUDA plugin has CRIU thaw the cgroup; see [`crate::gpu`]). Otherwise
+    /// open files and the rootfs are taken after the dump, when CRIU has frozen it again.
+    pub(super) still_at_pre_dump: bool,
     pub(super) receiver: Option<PageReceiver>,
     pub(super) extra_fds: Vec<OwnedFd>,
     pub(super) capture: Option<UpperCapture>,
@@ -132,12 +138,13 @@ impl<'r, 'a> Prepared<'r, 'a> {
         } else {
             None
         };
+        let still_at_pre_dump = req.gpu.as_ref().is_none_or(|g| g.tree_still_at_pre_dump());
         let capture = upper.map(|u| {
             UpperCapture::prepare(
                 &u,
                 &dir.join(rootfs::RAW_CHANGESET),
                 &dir.join(rootfs::COMPRESSED_CHANGESET),
-                !req.flags.link_remap,
+                !req.flags.link_remap && still_at_pre_dump,
             )
         });
         Ok(Self {
@@ -150,6 +157,8 @@ impl<'r, 'a> Prepared<'r, 'a> {
             rootfs_kind,
             work_dir,
             freeze_timeout: req.freeze_timeout.unwrap_or(freeze_timeout_for(memory)),
+            criu_kills,
+            still_at_pre_dump,
             receiver,
             extra_fds,
             capture,

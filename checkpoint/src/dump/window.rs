@@ -72,6 +72,22 @@ pub(super) struct Dumped<'r, 'a> {
     pub(super) rootfs_wait_ms: f64,
 }
 
+/// The regular files the container's processes hold open (deleted ones left out).
+fn list_open_files(
+    cgroup: &std::path::Path,
+    rootfs: &std::path::Path,
+) -> Result<Vec<OpenFileRecord>, rootfs::RootfsError> {
+    let pids = facts::cgroup_pids(cgroup);
+    Ok(rootfs::collect_open_files(&pids, rootfs)?
+        .into_iter()
+        .filter(|f| !f.deleted)
+        .map(|f| OpenFileRecord {
+            path: f.path,
+            size: f.size,
+        })
+        .collect())
+}
+
 /// The observer of CRIU's dump: freezes at `pre-dump`, keeps the deadlines, answers
 /// `status-ready`.
 struct Window<'p, 'r, 'a> {
@@ -169,18 +185,9 @@ impl Window<'_, '_, '_> {
             since,
             freeze_ms: ms(since.elapsed()),
         });
-        if self.p.kind == CallKind::Dump {
-            let pids = facts::cgroup_pids(freezer.path());
-            let files = rootfs::collect_open_files(&pids, &self.p.req.rootfs)
+        if self.p.kind == CallKind::Dump && self.p.still_at_pre_dump {
+            self.open_files = list_open_files(freezer.path(), &self.p.req.rootfs)
                 .map_err(|e| self.keep("listing open files", e.into()))?;
-            self.open_files = files
-                .into_iter()
-                .filter(|f| !f.deleted)
-                .map(|f| OpenFileRecord {
-                    path: f.path,
-                    size: f.size,
-                })
-                .collect();
         }
         // The container's tree is still; only CRIU's own temporary directory may come and go
         // in it (see rootfs::FrozenTop).
@@ -254,6 +261,17 @@ impl<'r, 'a> Prepared<'r, 'a> {
         let Some(frozen) = frozen else {
             return Err(self.fail("dumping with CRIU", DumpError::NeverFroze, LeftAs::Untouched));
         };
+        let mut open_files = open_files;
+        if self.kind == CallKind::Dump && !self.still_at_pre_dump && !self.criu_kills {
+            // CRIU froze the tree again before letting its tasks go (a GPU container).
+            match list_open_files(self.env.freezer.path(), &self.req.rootfs) {
+                Ok(f) => open_files = f,
+                Err(e) => {
+                    let left = self.undo_freeze(Some(frozen));
+                    return Err(self.fail("listing open files", e.into(), left));
+                }
+            }
+        }
         if (self.env.interrupted)() {
             let left = self.undo_freeze(Some(frozen));
             return Err(self.fail("dumping with CRIU", DumpError::Interrupted, left));

@@ -4,11 +4,13 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context as _;
-use cryo_cgroup::{freezer_for, ContainerCgroup};
+use anyhow::{bail, Context as _};
+use cryo_cgroup::{freezer_for, ContainerCgroup, Freezer, FreezerState};
 use cryo_checkpoint::criu::swrk::SwrkClient;
+use cryo_checkpoint::criu::CriuClient;
 use cryo_checkpoint::dump::{self, DumpEnv, DumpRequest, SnapshotMode};
 use cryo_checkpoint::flags::{CommonFlags, DumpFlags};
+use cryo_checkpoint::gpu;
 use cryo_checkpoint::signals::InterruptGuard;
 use cryo_oci::Verb;
 
@@ -27,6 +29,27 @@ pub fn image_dir(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// After a failed checkpoint of a GPU container: bring back the CUDA state CRIU's plugin could
+/// not (CRIU killed mid-dump), unless the container is paused (the tool would wait on frozen
+/// processes); what was done joins the error.
+fn recover_gpu(plan: &gpu::GpuPlan, freezer: &dyn Freezer, e: dump::CheckpointError) -> anyhow::Error {
+    let frozen = freezer.state().map_or(true, |s| s != FreezerState::Thawed);
+    let notes = if frozen {
+        vec![
+            "the container is paused: its CUDA state was not checked (resume it, then run \
+              `cuda-checkpoint --get-state --pid <pid>` on its processes)"
+                .to_string(),
+        ]
+    } else {
+        plan.recover(&cryo_checkpoint::facts::cgroup_pids(freezer.path()))
+    };
+    let e = anyhow::Error::from(e);
+    if notes.is_empty() {
+        return e;
+    }
+    e.context(format!("GPU state after the failure: {}", notes.join("; ")))
+}
+
 /// `checkpoint`
 pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
@@ -42,6 +65,16 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         .as_raw();
     let bundle = container.bundle().clone();
     let spec = cryo_oci::load_spec(&bundle)?;
+    // A GPU container this machine cannot checkpoint is refused here, before anything is
+    // touched, with every reason.
+    let gpu = gpu::preflight(&spec, &ctx.gpu)
+        .with_context(|| format!("cannot checkpoint container {id}"))?;
+    if gpu.is_some() && a.pre_dump {
+        bail!(
+            "cannot pre-dump container {id}: it uses an NVIDIA GPU, and CRIU's CUDA plugin \
+             does not take part in pre-dumps; take a full checkpoint"
+        );
+    }
     let record = ctx.store.load(id)?;
     let rootfs = match &record {
         Some(r) => r.rootfs.clone(),
@@ -88,19 +121,29 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         freeze_timeout: a.freeze_timeout.map(Duration::from_secs),
         criu_timeout: Duration::from_secs(a.criu_timeout),
         failure_log_dir: Some(ctx.store.container_dir(id)),
+        gpu,
     };
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
-    let criu = SwrkClient::new(&ctx.criu)
+    let mut swrk = SwrkClient::new(&ctx.criu)
         .with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
+    if let Some(plan) = &req.gpu {
+        swrk = plan.swrk_client(swrk);
+    }
+    let gpu_criu = gpu::GpuCriu::new(&swrk);
+    let criu: &dyn CriuClient = if req.gpu.is_some() { &gpu_criu } else { &swrk };
     let launcher = super::guardian::Launcher::new(ctx);
     let env = DumpEnv {
-        criu: &criu,
+        criu,
         freezer: freezer.as_ref(),
         guardian: &launcher,
         lock: Some(lock.as_fd()),
         interrupted: &|| interrupts.interrupted(),
     };
-    let report = dump::checkpoint(&req, &env)?;
+    let report = match (dump::checkpoint(&req, &env), &req.gpu) {
+        (Ok(r), _) => r,
+        (Err(e), Some(plan)) => return Err(recover_gpu(plan, freezer.as_ref(), e)),
+        (Err(e), None) => return Err(e.into()),
+    };
     drop(interrupts);
     for w in &report.warnings {
         logging::log("warning", w);

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use cryo_checkpoint::criu::swrk::SwrkClient;
+use cryo_checkpoint::criu::{swrk::SwrkClient, CriuClient};
+use cryo_checkpoint::gpu;
+use cryo_checkpoint::manifest::Manifest;
 use cryo_checkpoint::flags::CommonFlags;
 use cryo_checkpoint::restore::journal::CgroupUndo;
 use cryo_checkpoint::restore::{self, RestoreEnv, RestoreFlags, RestoreHost, RestoreRequest};
@@ -37,9 +39,16 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     // What an earlier restore of this id left when it was killed goes first.
     super::cleanup::undo_half_made(ctx, id)?;
     let image_dir = image_dir(a.image_path.as_deref())?;
+    // An image with CUDA state, or a GPU bundle, that this machine cannot restore is refused
+    // here, before anything is created, with every reason.
+    let image_gpu = Manifest::read(&image_dir).ok().flatten().and_then(|m| m.gpu);
+    let gpu = gpu::restore_preflight(&bundle.spec, image_gpu.as_ref(), &image_dir, &ctx.gpu)
+        .with_context(|| format!("cannot restore container {id}"))?;
     let work_dir = a.work_path.clone().unwrap_or_else(|| image_dir.clone());
     let container_dir = ctx.store.container_dir(id);
-    create_private_dir(&container_dir)?;
+    // The state dir is made by the restore itself, once its guardian runs (so a kill at any
+    // moment leaves none behind); only its parent must exist here, resolved.
+    create_private_dir(ctx.store.root())?;
     let youki_cfg = YoukiConfig::from_spec(&bundle.spec, id)?;
     if !a.detach && !a.no_subreaper {
         // Orphans of the restored tree must come back to us so we can reap them.
@@ -54,9 +63,12 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         work_dir,
         // CRIU finds its root mount by path in mountinfo, which shows resolved paths: docker's
         // --root /var/run/… must become /run/… or CRIU cannot match the mount (as runc does).
-        scratch_dir: container_dir
+        scratch_dir: ctx
+            .store
+            .root()
             .canonicalize()
-            .with_context(|| format!("cannot resolve {}", container_dir.display()))?,
+            .with_context(|| format!("cannot resolve {}", ctx.store.root().display()))?
+            .join(id),
         console_socket: a.console_socket.clone(),
         pid_file: a.pid_file.clone(),
         cgroup_path: youki_cfg.cgroup_path.clone(),
@@ -81,11 +93,16 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     };
     let mut host = Host::new(id, &bundle.spec, &bundle.dir, youki_cfg.cgroup_path.clone());
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
-    let criu = SwrkClient::new(&ctx.criu)
+    let mut swrk = SwrkClient::new(&ctx.criu)
         .with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
+    if let Some(plan) = &gpu {
+        swrk = plan.swrk_client(swrk);
+    }
+    let gpu_criu = gpu::GpuCriu::new(&swrk);
+    let criu: &dyn CriuClient = if gpu.is_some() { &gpu_criu } else { &swrk };
     let launcher = super::guardian::Launcher::new(ctx);
     let env = RestoreEnv {
-        criu: &criu,
+        criu,
         guardian: &launcher,
         lock: Some(lock.as_fd()),
         interrupted: &|| interrupts.interrupted(),
@@ -138,6 +155,16 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     }
     let report = pending.commit();
     drop(interrupts);
+    if let Some(plugin) = gpu_criu.last_plugin_log() {
+        crate::logging::log(
+            "debug",
+            &format!(
+                "CRIU's CUDA plugin resumed {} process(es): {:.1} ms",
+                plugin.cuda_pids.len(),
+                plugin.timings.map_or(0.0, |t| t.resume_ms)
+            ),
+        );
+    }
     for w in &report.warnings {
         crate::logging::log("warning", w);
     }
