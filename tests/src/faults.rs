@@ -152,8 +152,11 @@ pub fn criu_child(parent: u32) -> Option<i32> {
 }
 
 /// Wait (up to `within`) until the workload stops beating for `quiet` while `busy` (the
-/// checkpointing process) is alive: the freeze. Returns false if it never came.
+/// checkpointing process) is alive, and its process is held (frozen by the cgroup freezer, or
+/// stopped by CRIU's ptrace): the freeze. A workload merely starved of CPU on a busy machine
+/// does not count. Returns false if it never came.
 pub fn wait_for_freeze(hb: &Heartbeat, busy: &mut Child, quiet: Duration, within: Duration) -> bool {
+    let pid = hb.rt.state(&hb.id)["pid"].as_i64().unwrap_or(0);
     let end = Instant::now() + within;
     let mut last = hb.beats();
     let mut since = Instant::now();
@@ -165,10 +168,49 @@ pub fn wait_for_freeze(hb: &Heartbeat, busy: &mut Child, quiet: Duration, within
         if now != last {
             last = now;
             since = Instant::now();
-        } else if since.elapsed() >= quiet {
+        } else if since.elapsed() >= quiet && held(pid) {
             return true;
         }
         std::thread::sleep(Duration::from_micros(500));
+    }
+    false
+}
+
+/// Whether process `pid` is held: in a frozen (or freezing) cgroup, or in a ptrace stop.
+pub fn held(pid: i64) -> bool {
+    let state = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("State:"))
+                .map(|v| v.trim().chars().next().unwrap_or(' '))
+        });
+    if matches!(state, Some('t') | Some('T')) {
+        return true;
+    }
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    for l in cg.lines() {
+        let mut parts = l.splitn(3, ':');
+        let (Some(_), Some(ctrl), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        let file = if ctrl == "freezer" {
+            Path::new("/sys/fs/cgroup/freezer").join(rel).join("freezer.state")
+        } else if ctrl.is_empty() {
+            let v2 = if Path::new("/sys/fs/cgroup/unified").is_dir() {
+                "/sys/fs/cgroup/unified"
+            } else {
+                "/sys/fs/cgroup"
+            };
+            Path::new(v2).join(rel).join("cgroup.freeze")
+        } else {
+            continue;
+        };
+        let v = std::fs::read_to_string(file).unwrap_or_default();
+        if matches!(v.trim(), "FROZEN" | "FREEZING" | "1") {
+            return true;
+        }
     }
     false
 }

@@ -330,13 +330,8 @@ fn the_freeze_deadline_ends_a_hung_criu() {
     let hb = Heartbeat::start(&r, &unique("deadline-runc"), MIB);
     let _g = r.guard(&hb.id);
     let img = hb.bundle.dir.join("img");
-    let mut child = spawn(&r, &args(&["--leave-running"], &img, &hb.id));
-    assert!(wait_for_freeze(&hb, &mut child, QUIET, WITHIN));
-    let criu = criu_child(child.id());
-    // (runc's CRIU freezes by itself and may be past the dump; the row says what was seen.)
-    if let Some(c) = criu {
-        signal(c, Signal::SIGSTOP);
-    }
+    let (mut child, criu) = hang_criu_inside_the_freeze(&hb, &["--leave-running"], &img);
+    let criu = Some(criu);
     std::thread::sleep(Duration::from_secs(10));
     let still = child.try_wait().unwrap().is_none();
     let frozen = !hb.advancing(Duration::from_millis(500));
