@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod exec;
 pub mod info;
 pub mod lifecycle;
+mod loopback;
 pub mod restore;
 
 use anyhow::{bail, Context as _};

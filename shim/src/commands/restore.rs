@@ -216,8 +216,8 @@ impl RestoreHost for Host {
     fn run_hooks(&mut self, pid: i32) -> Result<(), String> {
         // CRIU made a fresh, empty network namespace (runc's empty_ns): give it the loopback
         // a created container has, before CRIU reconnects TCP sockets over it.
-        if super::lifecycle::owns_new_netns(&self.spec) {
-            super::lifecycle::loopback_up(pid).map_err(|e| format!("{e:#}"))?;
+        if super::loopback::owns_new_netns(&self.spec) {
+            super::loopback::loopback_up(pid).map_err(|e| format!("{e:#}"))?;
         }
         let Some(hooks) = self.spec.hooks().as_ref() else {
             return Ok(());
