@@ -61,7 +61,7 @@ pub struct RestoreRequest {
 /// libcgroups and libcontainer; tests with a fake.
 pub trait RestoreHost {
     /// Create the container's cgroups and move the calling process in (CRIU inherits them);
-    /// returns `(controller, path)` pairs for CRIU's `cg_root`.
+    /// returns `(controller, path)` pairs for CRIU's `cg_root` (controller `""`: cgroup2).
     fn join_cgroup(&mut self) -> Result<Vec<(String, String)>, String>;
     /// Move the calling process back where it was.
     fn leave_cgroup(&mut self);
@@ -210,9 +210,7 @@ pub fn restore(
     };
     for (ctrl, path) in cg_roots {
         let mut root = rpc::Cgroup_root::new();
-        if !ctrl.is_empty() {
-            root.set_ctrl(ctrl);
-        }
+        root.set_ctrl(ctrl);
         root.set_path(path);
         opts.cg_root.push(root);
     }
