@@ -286,6 +286,9 @@ pub fn checkpoint(
     };
     let mut guard = Some(guard);
     let dump_ms = ms(t_dump.elapsed());
+    // CRIU found the cgroup frozen by cryo: record the state the container had (see the module).
+    crate::cgroup_image::record_freezer_state(&req.image_dir, was_paused)
+        .map_err(|e| fail_frozen("recording the freezer state", e.to_string(), None))?;
     if interrupted() {
         return Err(fail_frozen(
             "dumping",
