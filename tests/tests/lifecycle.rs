@@ -23,6 +23,7 @@ fn create_start_exec_ps_pause_resume_kill_delete() {
     assert_eq!(st["status"], "created");
     let pid = st["pid"].as_i64().unwrap();
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    let cg = cryo_tests::cgroups::cgroup_path_of(pid);
     rt.ok(&["start", &id]);
     assert_eq!(rt.state(&id)["status"], "running");
     assert_eq!(rt.state(&id)["pid"].as_i64().unwrap(), pid);
@@ -43,14 +44,10 @@ fn create_start_exec_ps_pause_resume_kill_delete() {
     rt.ok(&["kill", &id, "KILL"]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(rt.state(&id)["status"], "stopped");
-    let cg = format!("/sys/fs/cgroup/freezer/:youki:{id}");
     rt.ok(&["delete", &id]);
     assert!(rt.fails(&["state", &id]).contains("does not exist"));
     assert!(!rt.root.join(&id).exists(), "state dir left behind");
-    assert!(
-        !std::path::Path::new(&cg).exists(),
-        "cgroup {cg} left behind"
-    );
+    cryo_tests::cgroups::assert_no_cgroup(&cg);
 }
 
 #[test]
