@@ -51,6 +51,9 @@ fn run_with_a_network_namespace_needs_no_ip_or_nsenter_and_brings_lo_up() {
     let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
     assert_eq!(flags & 1, 1, "lo is down inside the container: {stdout}");
     assert!(stdout.contains("UP"), "{stdout}");
-    assert!(stdout.contains("over-lo"), "127.0.0.1 unreachable: {stdout}");
+    assert!(
+        stdout.contains("over-lo"),
+        "127.0.0.1 unreachable: {stdout}"
+    );
     assert!(rt.fails(&["state", &id]).contains("does not exist"));
 }
