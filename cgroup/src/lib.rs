@@ -16,8 +16,8 @@ mod guard;
 pub mod mountinfo;
 
 pub use discovery::{
-    cgroup_setup, parse_proc_cgroup, v1_controller_paths, ContainerCgroup, FreezerPath,
-    ProcCgroupLine, Setup,
+    cgroup_setup, owned_hierarchies, parse_proc_cgroup, v1_controller_paths, ContainerCgroup,
+    FreezerPath, ProcCgroupLine, Setup,
 };
 pub use error::CgroupError;
 pub use freezer::{

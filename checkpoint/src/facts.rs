@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::Spec;
 
-use crate::plan::{ContainerMount, DumpFacts};
+use crate::plan::{ContainerMount, DumpFacts, CGROUP_ROOT};
 use crate::rootfs;
 
 /// Gather what [`crate::plan::dump_plan`] needs about container `pid`.
@@ -56,7 +56,22 @@ pub fn gather_dump_facts(
         masked_files,
         ns_inodes,
         freeze_cgroup: Some(freezer.to_path_buf()),
+        own_cgroup_ns: own_cgroup_ns(pid)?,
+        cgroup_hierarchies: cryo_cgroup::owned_hierarchies(pid).map_err(|e| e.to_string())?,
     })
+}
+
+/// Whether process `pid` runs in a cgroup namespace other than cryo's. CRIU decides the same
+/// way whether the container's cgroup mounts are its own (see `plan::dump_plan`).
+fn own_cgroup_ns(pid: i32) -> Result<bool, String> {
+    let theirs = format!("/proc/{pid}/ns/cgroup");
+    let Some(ours) = identity(Path::new("/proc/self/ns/cgroup")) else {
+        return Ok(false); // a kernel without cgroup namespaces
+    };
+    let theirs = std::fs::metadata(&theirs)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| format!("cannot read {theirs}: {e} (is the container running?)"))?;
+    Ok(theirs != ours)
 }
 
 /// Pids in a cgroup directory (`cgroup.procs` exists in v1 and v2).
@@ -212,13 +227,15 @@ mod identity_tests {
 }
 
 /// Host cgroup mount points under /sys/fs/cgroup (v1 controllers and the v2 mount).
+/// Host cgroup mount points at or below /sys/fs/cgroup: v1 controllers and the cgroup2 mount
+/// (`/sys/fs/cgroup/unified` on a hybrid host, `/sys/fs/cgroup` itself on a pure v2 one).
 pub fn host_cgroup_mounts() -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     rootfs::parse_mountinfo(&text)
         .into_iter()
         .filter(|m| m.fstype == "cgroup" || m.fstype == "cgroup2")
         .map(|m| m.mount_point)
-        .filter(|p| p.starts_with("/sys/fs/cgroup/"))
+        .filter(|p| p.starts_with(CGROUP_ROOT))
         .collect()
 }
 

@@ -1,5 +1,6 @@
 //! The checkpoint engine: CRIU client, dump/restore plans, image manifest, rootfs snapshot.
 
+pub mod cgroup_image;
 pub mod criu;
 pub mod descriptors;
 pub mod dump;

@@ -1,7 +1,7 @@
 //! Running cryo (or runc) with a private state root.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -219,19 +219,5 @@ impl Drop for ContainerGuard {
     }
 }
 
-/// The v1 freezer state of a container (by its init pid).
-pub fn freezer_state(pid: i64) -> String {
-    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let path = cg
-        .lines()
-        .find_map(|l| l.split_once(":freezer:").map(|(_, p)| p.to_string()))
-        .unwrap();
-    std::fs::read_to_string(
-        Path::new("/sys/fs/cgroup/freezer")
-            .join(path.trim_start_matches('/'))
-            .join("freezer.state"),
-    )
-    .unwrap()
-    .trim()
-    .to_string()
-}
+/// The freezer state of a container (by its init pid), on either cgroup layout.
+pub use crate::cgroups::freezer_state;

@@ -472,13 +472,12 @@ fn a_frozen_container_reads_paused_and_resumes() {
         let hb = Heartbeat::start(&rt, &unique("frozen"), 16);
         let _g = rt.guard(&hb.id);
         let pid = rt.state(&hb.id)["pid"].as_i64().unwrap();
-        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-        let path = cg
-            .lines()
-            .find_map(|l| l.split_once(":freezer:").map(|(_, p)| p.to_string()))
-            .unwrap();
-        let state = Path::new("/sys/fs/cgroup/freezer").join(path.trim_start_matches('/')).join("freezer.state");
-        std::fs::write(&state, "FROZEN").unwrap();
+        let dir = cryo_tests::cgroups::freezer_dir(pid);
+        if dir.join("freezer.state").exists() {
+            std::fs::write(dir.join("freezer.state"), "FROZEN").unwrap();
+        } else {
+            std::fs::write(dir.join("cgroup.freeze"), "1").unwrap();
+        }
         assert!(!hb.advancing(Duration::from_millis(300)));
         let status = rt.state(&hb.id)["status"].as_str().unwrap().to_string();
         rt.ok(&["resume", &hb.id]);

@@ -121,11 +121,8 @@ fn assert_nothing_left(rt: &Runtime, id: &str, rootfs: &Path, before: &std::coll
     }
     assert!(rt.fails(&["state", id]).contains("does not exist"));
     assert!(mounts_below(&rt.root).is_empty(), "mounts left: {:?}", mounts_below(&rt.root));
-    for cg in ["freezer", "memory", "pids", "cpu,cpuacct"] {
-        for name in [format!(":youki:{id}"), id.to_string()] {
-            let p = Path::new("/sys/fs/cgroup").join(cg).join(&name);
-            assert!(!p.exists(), "cgroup left: {}", p.display());
-        }
+    for name in [format!(":youki:{id}"), id.to_string()] {
+        cryo_tests::cgroups::assert_no_cgroup(&name);
     }
     let after = tree_digest(rootfs);
     assert!(

@@ -118,6 +118,8 @@ pub(super) fn apply_plan(opts: &mut crate::criu::rpc::Criu_opts, plan: &DumpPlan
     if let Some(cg) = &plan.freeze_cgroup {
         opts.set_freeze_cgroup(cg.to_string_lossy().into_owned());
     }
+    opts.cgroup_dump_controller
+        .extend(plan.cgroup_dump_controllers.iter().cloned());
     if let Some(cfg) = flags::config_file(spec.annotations().as_ref()) {
         opts.set_config_file(cfg);
     }

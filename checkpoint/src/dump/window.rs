@@ -261,6 +261,18 @@ impl<'r, 'a> Prepared<'r, 'a> {
         let Some(frozen) = frozen else {
             return Err(self.fail("dumping with CRIU", DumpError::NeverFroze, LeftAs::Untouched));
         };
+        // CRIU found the cgroup frozen by cryo: record the state the container had (see
+        // crate::cgroup_image).
+        if let Err(e) =
+            crate::cgroup_image::record_freezer_state(self.staging.dir(), frozen.was_paused())
+        {
+            let left = self.undo_freeze(Some(frozen));
+            return Err(self.fail(
+                "recording the freezer state",
+                DumpError::Inspect(e.to_string()),
+                left,
+            ));
+        }
         let mut open_files = open_files;
         if self.kind == CallKind::Dump && !self.still_at_pre_dump && !self.criu_kills {
             // CRIU froze the tree again before letting its tasks go (a GPU container).

@@ -82,7 +82,7 @@ pub struct RestoreRequest {
 /// libcgroups and libcontainer; tests with a fake.
 pub trait RestoreHost: journal::CgroupUndo {
     /// Create the container's cgroups and move the calling process in (CRIU inherits them);
-    /// returns `(controller, path)` pairs for CRIU's `cg_root`.
+    /// returns `(controller, path)` pairs for CRIU's `cg_root` (controller `""`: cgroup2).
     fn join_cgroup(&mut self) -> Result<Vec<(String, String)>, String>;
     /// Move the calling process back where it was.
     fn leave_cgroup(&mut self);

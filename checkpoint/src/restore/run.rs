@@ -307,10 +307,9 @@ impl Steps<'_, '_, '_> {
             .join_cgroup()
             .map_err(|e| ("creating the cgroup", RestoreCause::Host(e)))?;
         for (ctrl, path) in cg_roots {
+            // Controller "" names cgroup2 (an unset one would be a global root).
             let mut root = rpc::Cgroup_root::new();
-            if !ctrl.is_empty() {
-                root.set_ctrl(ctrl);
-            }
+            root.set_ctrl(ctrl);
             root.set_path(path);
             opts.cg_root.push(root);
         }

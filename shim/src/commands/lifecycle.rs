@@ -5,6 +5,7 @@ use cryo_oci::{Bundle, ContainerRecord, Verb};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 
+use super::loopback::{loopback_up, owns_new_netns};
 use super::{delete_settling, load_container, load_for, wait_forwarding};
 use crate::cli::{CreateArgs, DeleteArgs, KillArgs, RunArgs};
 use crate::context::Context;
@@ -41,6 +42,25 @@ fn build(
         .with_detach(detach)
         .build()
         .with_context(|| format!("cannot create container {id}"))?;
+    match finish_create(ctx, id, &bundle, rootfs, &container) {
+        Ok(()) => Ok(container),
+        Err(e) => {
+            // Nothing half-made: no container left "created" with a network it lacks.
+            discard(container, a.pid_file.as_deref());
+            Err(e)
+        }
+    }
+}
+
+/// What cryo adds to a container libcontainer created: `lo` up in a network namespace of its
+/// own, and cryo's record.
+fn finish_create(
+    ctx: &Context,
+    id: &str,
+    bundle: &Bundle,
+    rootfs: std::path::PathBuf,
+    container: &libcontainer::container::Container,
+) -> anyhow::Result<()> {
     let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
     if owns_new_netns(&bundle.spec) {
         loopback_up(pid)?;
@@ -52,7 +72,7 @@ fn build(
         .and_then(|p| p.terminal())
         .unwrap_or(false);
     ctx.store.save(&ContainerRecord {
-        id: id.clone(),
+        id: id.to_string(),
         bundle: bundle.dir.clone(),
         rootfs: rootfs.canonicalize().unwrap_or(rootfs),
         stdio: cryo_checkpoint::descriptors::read_stdio(pid),
@@ -60,7 +80,20 @@ fn build(
         created: chrono::Utc::now(),
         restored_from: None,
     })?;
-    Ok(container)
+    Ok(())
+}
+
+/// Remove a container that must not stay (its processes, cgroups and state), and the pid
+/// file its creation wrote. Failures to clean up are reported, not returned: the caller's
+/// error is the one that matters.
+fn discard(mut container: libcontainer::container::Container, pid_file: Option<&std::path::Path>) {
+    let id = container.id().to_string();
+    if let Err(e) = container.delete(true) {
+        eprintln!("cryo: removing the half-made container {id} failed: {e}");
+    }
+    if let Some(p) = pid_file {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// `create`
@@ -84,8 +117,11 @@ pub fn run(ctx: &Context, a: &RunArgs) -> anyhow::Result<i32> {
     let id = &a.create.container_id;
     {
         let _lock = ctx.store.lock(id)?;
-        c.start()
-            .with_context(|| format!("cannot start container {id}"))?;
+        if let Err(e) = c.start() {
+            // As runc's run: a container that did not start does not stay behind.
+            discard(c, a.create.pid_file.as_deref());
+            return Err(e).with_context(|| format!("cannot start container {id}"));
+        }
     }
     if a.detach {
         return Ok(0);
@@ -161,34 +197,4 @@ pub fn resume(ctx: &Context, id: &str) -> anyhow::Result<i32> {
     c.resume()
         .with_context(|| format!("cannot resume container {id}"))?;
     Ok(0)
-}
-
-/// The spec asks for a fresh network namespace (no path): the runtime sets it up.
-pub(crate) fn owns_new_netns(spec: &oci_spec::runtime::Spec) -> bool {
-    spec.linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().as_ref())
-        .is_some_and(|ns| {
-            ns.iter().any(|n| {
-                n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
-            })
-        })
-}
-
-/// runc brings `lo` up in a network namespace it creates; libcontainer does not, and a
-/// container talking to itself over 127.0.0.1 (and its checkpoints with
-/// `--tcp-established`) depends on it.
-pub(crate) fn loopback_up(pid: i32) -> anyhow::Result<()> {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/proc/{pid}/ns/net"))
-        .args(["ip", "link", "set", "lo", "up"])
-        .output()
-        .context("cannot run nsenter/ip to bring up the container's loopback (install util-linux and iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "cannot bring up lo in the container's network namespace: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }

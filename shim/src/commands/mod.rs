@@ -7,6 +7,7 @@ pub mod exec;
 pub mod guardian;
 pub mod info;
 pub mod lifecycle;
+mod loopback;
 pub mod restore;
 pub mod verify;
 

@@ -38,6 +38,15 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     }
     // What an earlier restore of this id left when it was killed goes first.
     super::cleanup::undo_half_made(ctx, id)?;
+    if a.manage_cgroups_mode.as_deref() == Some("ignore") && owns_new_cgroup_ns(&bundle.spec) {
+        bail!(
+            "--manage-cgroups-mode ignore cannot restore a container with a cgroup namespace: \
+             CRIU then restores no cgroup namespace, and the container would see the host's \
+             cgroup tree. Restore with soft (the default), full or strict, or remove the cgroup \
+             namespace from {}",
+            bundle.dir.join("config.json").display()
+        );
+    }
     let image_dir = image_dir(a.image_path.as_deref())?;
     // An image with CUDA state, or a GPU bundle, that this machine cannot restore is refused
     // here, before anything is created, with every reason.
@@ -91,7 +100,13 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         },
         criu_timeout: Duration::from_secs(a.criu_timeout),
     };
-    let mut host = Host::new(id, &bundle.spec, &bundle.dir, youki_cfg.cgroup_path.clone());
+    let mut host = Host::new(
+        id,
+        &bundle.spec,
+        &bundle.dir,
+        youki_cfg.cgroup_path.clone(),
+        a.manage_cgroups_mode.as_deref(),
+    );
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
     let mut swrk = SwrkClient::new(&ctx.criu)
         .with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
@@ -196,56 +211,115 @@ fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", dir.display()))
 }
 
+/// The spec asks for a cgroup namespace of the container's own (no path).
+fn owns_new_cgroup_ns(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| {
+            ns.iter().any(|n| {
+                n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup && n.path().is_none()
+            })
+        })
+}
+
 /// cgroups and hooks for the engine.
 struct Host {
     id: String,
     spec: Spec,
     bundle: PathBuf,
     cgroup_path: PathBuf,
+    /// `--manage-cgroups-mode strict`: CRIU makes the container's cgroups (see `join_cgroup`).
+    criu_makes_cgroups: bool,
     manager: Option<AnyCgroupManager>,
-    original: Vec<(PathBuf, String)>,
+    /// Where cryo was before joining: (hierarchy directory of its cgroup).
+    original: Vec<PathBuf>,
 }
 
 impl Host {
-    fn new(id: &str, spec: &Spec, bundle: &std::path::Path, cgroup_path: PathBuf) -> Self {
+    fn new(
+        id: &str,
+        spec: &Spec,
+        bundle: &std::path::Path,
+        cgroup_path: PathBuf,
+        manage_cgroups_mode: Option<&str>,
+    ) -> Self {
         Self {
             id: id.to_string(),
             spec: spec.clone(),
             bundle: bundle.to_path_buf(),
             cgroup_path,
+            criu_makes_cgroups: manage_cgroups_mode == Some("strict"),
             manager: None,
             original: Vec::new(),
         }
     }
+
+    /// CRIU's `cg_root` for the container's new cgroups, which CRIU is to make: its path in
+    /// each hierarchy libcgroups puts a container in (cgroup2 on a pure v2 host, every v1
+    /// controller elsewhere), named as CRIU names hierarchies.
+    fn new_cgroup_roots(&self) -> Result<Vec<(String, String)>, String> {
+        let unified =
+            cryo_cgroup::cgroup_setup().map_err(|e| e.to_string())? == cryo_cgroup::Setup::Unified;
+        let path = self.cgroup_path.to_string_lossy().into_owned();
+        Ok(own_cgroups()
+            .into_iter()
+            .filter(|c| {
+                if unified {
+                    c.controllers.is_empty()
+                } else {
+                    !c.controllers.is_empty() && !c.controllers.starts_with("name=")
+                }
+            })
+            .map(|c| (c.controllers, path.clone()))
+            .collect())
+    }
 }
 
-/// Our own cgroup memberships as (hierarchy mount dir, path inside it).
-fn own_cgroups() -> Vec<(PathBuf, String, String)> {
+/// One of cryo's own cgroups, in a hierarchy mounted here.
+struct OwnCgroup {
+    /// As `/proc/self/cgroup` names the hierarchy (`""` for cgroup2).
+    controllers: String,
+    /// Path inside the hierarchy.
+    path: String,
+    /// Its directory.
+    dir: PathBuf,
+}
+
+/// cryo's own cgroups in every hierarchy mounted in its mount namespace.
+fn own_cgroups() -> Vec<OwnCgroup> {
     let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let dirs = cryo_cgroup::v1_controller_paths(std::process::id() as i32).unwrap_or_default();
     cryo_cgroup::parse_proc_cgroup(&text)
         .into_iter()
         .filter_map(|l| {
-            let ctrls = l.controllers.join(",");
-            let mount = if l.hierarchy == 0 {
-                cryo_cgroup::discovery::cgroup2_mount()
-            } else {
-                let name = ctrls.strip_prefix("name=").unwrap_or(&ctrls);
-                PathBuf::from("/sys/fs/cgroup").join(name)
-            };
-            mount.is_dir().then_some((mount, l.path, ctrls))
+            let controllers = l.controllers.join(",");
+            let dir = dirs.iter().find(|(c, _)| *c == controllers)?.1.clone();
+            Some(OwnCgroup {
+                controllers,
+                path: l.path,
+                dir,
+            })
         })
         .collect()
 }
 
 impl RestoreHost for Host {
     fn join_cgroup(&mut self) -> Result<Vec<(String, String)>, String> {
-        self.original = own_cgroups().into_iter().map(|(m, p, _)| (m, p)).collect();
+        self.original = own_cgroups().into_iter().map(|c| c.dir).collect();
         let manager = create_cgroup_manager(CgroupConfig {
             cgroup_path: self.cgroup_path.clone(),
             systemd_cgroup: false,
             container_name: self.id.clone(),
         })
         .map_err(|e| e.to_string())?;
+        if self.criu_makes_cgroups {
+            // strict: CRIU refuses every cgroup of the image that exists, and makes them with
+            // the image's properties. cryo stays out (CRIU moves the restored tasks in) and
+            // removes them again on failure or delete.
+            self.manager = Some(manager);
+            return self.new_cgroup_roots();
+        }
         manager
             .add_task(Pid::this())
             .map_err(|e| format!("joining {}: {e}", self.cgroup_path.display()))?;
@@ -265,31 +339,28 @@ impl RestoreHost for Host {
             })
             .map_err(|e| format!("applying resources: {e}"))?;
         self.manager = Some(manager);
-        // CRIU puts the restored tasks below the cgroups it runs in: name them per controller.
+        // CRIU puts the restored tasks back into the cgroups of the image unless told their new
+        // root: name ours per hierarchy, cgroup2 (controllers "") included. Without it a
+        // restore under a new id on a cgroup v2 host went into the checkpointed container's
+        // cgroup, recreated.
         Ok(own_cgroups()
             .into_iter()
-            .filter(|(_, _, ctrls)| !ctrls.is_empty())
-            .map(|(_, path, ctrls)| (ctrls, path))
+            .map(|c| (c.controllers, c.path))
             .collect())
     }
 
     fn leave_cgroup(&mut self) {
         let me = std::process::id().to_string();
-        for (mount, path) in &self.original {
-            let _ = std::fs::write(
-                mount
-                    .join(path.trim_start_matches('/'))
-                    .join("cgroup.procs"),
-                &me,
-            );
+        for dir in &self.original {
+            let _ = std::fs::write(dir.join("cgroup.procs"), &me);
         }
     }
 
     fn run_hooks(&mut self, pid: i32) -> Result<(), String> {
         // CRIU made a fresh, empty network namespace (runc's empty_ns): give it the loopback
         // a created container has, before CRIU reconnects TCP sockets over it.
-        if super::lifecycle::owns_new_netns(&self.spec) {
-            super::lifecycle::loopback_up(pid).map_err(|e| format!("{e:#}"))?;
+        if super::loopback::owns_new_netns(&self.spec) {
+            super::loopback::loopback_up(pid).map_err(|e| format!("{e:#}"))?;
         }
         let Some(hooks) = self.spec.hooks().as_ref() else {
             return Ok(());
