@@ -406,8 +406,10 @@ impl Container {
 
     /// Record an exec (it runs at start).
     pub fn add_exec(&self, req: &ExecProcessRequest) -> Result<(), TaskError> {
+        // Not in a paused task either: the new process would join the frozen cgroup, and
+        // cryo would wait for it to start until its timeout.
         match self.init.snapshot().1 {
-            Phase::Running | Phase::Paused => {}
+            Phase::Running => {}
             phase => {
                 return Err(TaskError::FailedPrecondition(format!(
                     "cannot exec in task {}: it is {phase:?}",

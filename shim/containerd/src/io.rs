@@ -5,8 +5,11 @@
 //! With a terminal, cryo hands the shim the pty master through a console socket, and the shim
 //! copies between the master and the fifos.
 //!
-//! The shim keeps both ends of an output fifo open (as the runc shim does): a client that goes
-//! away does not make the process's writes fail; they wait for the next reader.
+//! An output fifo is opened for writing only once containerd's client has its reading end open
+//! (as the runc shim's blocking open does): data written into a fifo that nobody holds open is
+//! lost when the shim closes it, and a short exec's whole output would be. The shim then keeps
+//! a reading end of its own: a client that goes away does not make the process's writes fail;
+//! they wait for the next reader.
 //! It also keeps a writer on the stdin fifo, so that the process sees EOF only when containerd
 //! closes its stdin (`CloseIO`), not whenever a client detaches.
 
@@ -16,7 +19,8 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -113,16 +117,19 @@ fn destination(uri: &str) -> Result<Destination, IoError> {
     })
 }
 
-/// Open an output destination for writing. A fifo is opened read-write: that never blocks,
-/// and the shim's own read side keeps writes from failing while no client reads.
-fn open_output(uri: &str) -> Result<File, IoError> {
+/// An output, ready to be written: a file is opened at once, a fifo by the copy thread
+/// ([`Output::open`]).
+enum Output {
+    File(File),
+    Fifo(PathBuf),
+}
+
+/// How often a copy thread looks for containerd's reader of an output fifo.
+const READER_POLL: Duration = Duration::from_millis(5);
+
+fn prepare_output(uri: &str) -> Result<Output, IoError> {
     match destination(uri)? {
-        Destination::Fifo(path) => OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(os(format!("open stdio fifo {}", path.display()))),
+        Destination::Fifo(path) => Ok(Output::Fifo(path)),
         Destination::File(path) => {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(os(format!("create {}", dir.display())))?;
@@ -132,8 +139,54 @@ fn open_output(uri: &str) -> Result<File, IoError> {
                 .append(true)
                 .custom_flags(libc::O_CLOEXEC)
                 .open(&path)
+                .map(Output::File)
                 .map_err(os(format!("open stdio file {}", path.display())))
         }
+    }
+}
+
+impl Output {
+    fn try_clone(&self) -> Result<Self, IoError> {
+        Ok(match self {
+            Self::File(f) => Self::File(f.try_clone().map_err(os("duplicate the stdio file"))?),
+            Self::Fifo(p) => Self::Fifo(p.clone()),
+        })
+    }
+
+    /// The writer, and for a fifo the shim's own reader that keeps it open. A fifo waits for
+    /// containerd's reader (polling, so that a process being deleted can stop the wait:
+    /// `None` then).
+    fn open(self, closing: &AtomicBool) -> io::Result<Option<(File, Option<File>)>> {
+        let path = match self {
+            Self::File(f) => return Ok(Some((f, None))),
+            Self::Fifo(path) => path,
+        };
+        let writer = loop {
+            match OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+                .open(&path)
+            {
+                Ok(f) => break f,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                    if closing.load(Ordering::Acquire) {
+                        return Ok(None);
+                    }
+                    thread::sleep(READER_POLL);
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let flags = fcntl(writer.as_raw_fd(), FcntlArg::F_GETFL)?;
+        fcntl(
+            writer.as_raw_fd(),
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK),
+        )?;
+        let keeper = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(&path)?;
+        Ok(Some((writer, Some(keeper))))
     }
 }
 
@@ -227,6 +280,8 @@ pub struct ProcessIo {
     console: Option<File>,
     /// One message per output copy when it ends.
     drained: Mutex<Option<(mpsc::Receiver<()>, usize)>>,
+    /// Set when the process is deleted: copies still waiting for a reader give up.
+    closing: Arc<AtomicBool>,
 }
 
 impl ProcessIo {
@@ -236,33 +291,35 @@ impl ProcessIo {
             stdin_keeper: Mutex::new(None),
             console: None,
             drained: Mutex::new(None),
+            closing: Arc::new(AtomicBool::new(false)),
         }
     }
 
     /// Start copying between `pipes` and containerd's fifos.
     pub fn copy_pipes(paths: &StdioPaths, pipes: Pipes) -> Result<Self, IoError> {
         let (done_tx, done_rx) = mpsc::channel();
+        let closing = Arc::new(AtomicBool::new(false));
         let mut outputs = 0;
-        let stdout_file = match pipes.stdout {
+        let stdout_output = match pipes.stdout {
             Some(pipe) => {
-                let file = open_output(&paths.stdout)?;
+                let output = prepare_output(&paths.stdout)?;
                 let shared = if paths.stderr == paths.stdout {
-                    Some(file.try_clone().map_err(os("duplicate the stdout file"))?)
+                    Some(output.try_clone()?)
                 } else {
                     None
                 };
-                spawn_copy("stdout", pipe, file, done_tx.clone());
+                spawn_copy("stdout", pipe, output, &closing, done_tx.clone());
                 outputs += 1;
                 shared
             }
             None => None,
         };
         if let Some(pipe) = pipes.stderr {
-            let file = match stdout_file {
-                Some(file) => file,
-                None => open_output(&paths.stderr)?,
+            let output = match stdout_output {
+                Some(output) => output,
+                None => prepare_output(&paths.stderr)?,
             };
-            spawn_copy("stderr", pipe, file, done_tx.clone());
+            spawn_copy("stderr", pipe, output, &closing, done_tx.clone());
             outputs += 1;
         }
         let mut keeper = None;
@@ -275,6 +332,7 @@ impl ProcessIo {
             stdin_keeper: Mutex::new(keeper),
             console: None,
             drained: Mutex::new(Some((done_rx, outputs))),
+            closing,
         })
     }
 
@@ -282,11 +340,12 @@ impl ProcessIo {
     pub fn copy_console(paths: &StdioPaths, socket: ConsoleSocket) -> Result<Self, IoError> {
         let master = socket.receive_master()?;
         let (done_tx, done_rx) = mpsc::channel();
+        let closing = Arc::new(AtomicBool::new(false));
         let mut outputs = 0;
         if !paths.stdout.is_empty() {
-            let output = open_output(&paths.stdout)?;
+            let output = prepare_output(&paths.stdout)?;
             let reader = master.try_clone().map_err(os("duplicate the pty master"))?;
-            spawn_copy("terminal output", reader, output, done_tx);
+            spawn_copy("terminal output", reader, output, &closing, done_tx);
             outputs += 1;
         }
         let mut keeper = None;
@@ -300,6 +359,7 @@ impl ProcessIo {
             stdin_keeper: Mutex::new(keeper),
             console: Some(master),
             drained: Mutex::new(Some((done_rx, outputs))),
+            closing,
         })
     }
 
@@ -335,8 +395,8 @@ impl ProcessIo {
         Ok(())
     }
 
-    /// Wait (briefly) until the outputs are copied, after the process exited, and drop the
-    /// shim's stdin writer.
+    /// Wait (briefly) until the outputs are copied, after the process exited; then copies
+    /// that still wait for a reader give up, and the shim's stdin writer goes.
     pub fn drain(&self) {
         self.close_stdin();
         let taken = self
@@ -344,26 +404,37 @@ impl ProcessIo {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let Some((done, outputs)) = taken else {
-            return;
-        };
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        for _ in 0..outputs {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            if done.recv_timeout(left).is_err() {
-                break;
+        if let Some((done, outputs)) = taken {
+            let deadline = Instant::now() + DRAIN_TIMEOUT;
+            for _ in 0..outputs {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                if done.recv_timeout(left).is_err() {
+                    break;
+                }
             }
         }
+        self.closing.store(true, Ordering::Release);
     }
 }
 
-/// Copy until EOF (a pty master says EIO once the process is gone: the same thing), then
-/// report on `done`.
-fn spawn_copy(what: &'static str, from: File, to: File, done: mpsc::Sender<()>) {
+/// Once the output is open, copy until EOF (a pty master says EIO once the process is gone:
+/// the same thing), then report on `done`.
+fn spawn_copy(
+    what: &'static str,
+    from: File,
+    to: Output,
+    closing: &Arc<AtomicBool>,
+    done: mpsc::Sender<()>,
+) {
+    let closing = closing.clone();
     thread::spawn(move || {
-        copy_until_end(what, from, to);
+        match to.open(&closing) {
+            Ok(Some((writer, _keeper))) => copy_until_end(what, from, writer),
+            Ok(None) => {}
+            Err(e) => warn!("copying {what}: open its destination: {e}"),
+        }
         let _ = done.send(());
     });
 }

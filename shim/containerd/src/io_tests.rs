@@ -62,6 +62,52 @@ fn output_reaches_the_fifo_and_drains_at_exit() {
 }
 
 #[test]
+fn output_written_before_the_client_opens_its_reader_is_not_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = StdioPaths {
+        stdout: fifo(dir.path(), "stdout"),
+        ..Default::default()
+    };
+    let (pipes, io) = make_pipes(&paths, 0, 0).expect("pipes");
+    let (_, stdout, _) = process_ends(io);
+    let process_io = ProcessIo::copy_pipes(&paths, pipes).expect("copy");
+    // A short exec: it writes and exits before containerd's client opened the fifo.
+    let mut stdout = stdout.expect("stdout");
+    stdout.write_all(b"exec-works\n").expect("write");
+    drop(stdout);
+    thread::sleep(Duration::from_millis(50));
+    let reader = thread::spawn({
+        let path = paths.stdout.clone();
+        move || {
+            let mut text = String::new();
+            File::open(path)
+                .expect("client reader")
+                .read_to_string(&mut text)
+                .expect("read");
+            text
+        }
+    });
+    process_io.drain();
+    assert_eq!(reader.join().expect("reader"), "exec-works\n");
+}
+
+#[test]
+fn drain_gives_up_on_a_fifo_nobody_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = StdioPaths {
+        stdout: fifo(dir.path(), "stdout"),
+        ..Default::default()
+    };
+    let (pipes, io) = make_pipes(&paths, 0, 0).expect("pipes");
+    let (_, stdout, _) = process_ends(io);
+    let process_io = ProcessIo::copy_pipes(&paths, pipes).expect("copy");
+    drop(stdout);
+    let start = Instant::now();
+    process_io.drain();
+    assert!(start.elapsed() < DRAIN_TIMEOUT + Duration::from_secs(1));
+}
+
+#[test]
 fn stdin_sees_eof_only_after_close_io() {
     let dir = tempfile::tempdir().expect("tempdir");
     let paths = StdioPaths {

@@ -170,3 +170,15 @@ fn saved_options_round_trip_and_default_when_absent() {
     options.save(dir.path()).expect("save");
     assert_eq!(ShimOptions::load(dir.path()).expect("load"), options);
 }
+
+#[test]
+fn the_example_config_is_valid_and_documents_the_defaults() {
+    let example =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/clients/cryo-shim.toml");
+    let options = ShimOptions::from_config_file(&example).expect("examples/clients/cryo-shim.toml");
+    let defaults = ShimOptions::default();
+    assert_eq!(options.cryo, PathBuf::from("/usr/local/bin/cryo"));
+    assert_eq!(options.root, defaults.root);
+    assert_eq!(options.criu, None);
+    assert_eq!(options.checkpoint, defaults.checkpoint);
+}

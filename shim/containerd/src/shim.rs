@@ -23,7 +23,7 @@ use containerd_shim::{spawn, Config, Error as ShimError, ExitSignal, Flags, Shim
 use crate::cryo::{CommandIo, Cryo, COMMAND_TIMEOUT};
 use crate::events::EventSender;
 use crate::exits::ExitTracker;
-use crate::options::{ShimOptions, RUNC_OPTIONS_TYPE};
+use crate::options::ShimOptions;
 use crate::rootfs;
 use crate::service::TaskService;
 use crate::timestamp;
@@ -81,11 +81,7 @@ impl Shim for CryoShim {
         let grouping = group_of(Path::new("config.json")).unwrap_or_else(|| opts.id.clone());
         let (pid, address) = spawn(opts, &grouping, Vec::new())?;
         write_address(&address)?;
-        if let Some(cgroup) = settings.shim_cgroup.as_deref().filter(|_| {
-            options
-                .as_ref()
-                .is_some_and(|a| a.type_url.ends_with(RUNC_OPTIONS_TYPE))
-        }) {
+        if let Some(cgroup) = settings.shim_cgroup.as_deref() {
             containerd_shim::cgroup::add_task_to_cgroup(cgroup, pid)?;
         }
         containerd_shim::cgroup::adjust_oom_score(pid)?;
