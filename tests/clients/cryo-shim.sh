@@ -25,6 +25,9 @@ shim_config() {
 
 run_args() { echo --runtime "$SHIM_RUNTIME" --runtime-config-path "$(shim_config)"; }
 
+# tests' shim-task: task API calls ctr 1.6 cannot make, sent straight to a task's shim.
+SHIM_TASK=$REPO_DIR/target/debug/shim-task
+
 # The shim binary on the PATH of the running containerd (where containerd looks it up).
 shim_on_containerd_path() {
   local pid dir path
@@ -45,6 +48,7 @@ preflight() {
   shim_on_containerd_path >/dev/null \
     || { echo "$SHIM_NAME is not on the PATH of the running containerd: scripts/e2e-clients shim target/debug/$SHIM_NAME (containerd started by scripts/e2e-clients start looks in $E2E_DIR/bin)"; return 1; }
   command -v script >/dev/null || { echo "script (util-linux) is missing: the terminal flow needs it"; return 1; }
+  [ -x "$SHIM_TASK" ] || { echo "$SHIM_TASK is missing: cargo build --workspace builds it"; return 1; }
 }
 
 start_counter() {  # NAME [SCRIPT]
@@ -93,6 +97,12 @@ flow_lifecycle() {
     || fail "ctr tasks metrics $c shows no memory usage: $metrics"
   grep -Eq '^pids\.current[[:space:]]+[1-9]' <<<"$metrics" || fail "ctr tasks metrics $c shows no pids: $metrics"
   log "ok: ctr tasks metrics reports memory and pids"
+  # ctr 1.6 has no `tasks update`: the update goes to the shim as containerd forwards it.
+  must "$SHIM_TASK" update --bundle "$(bundle_of "$c")" --id "$c" --memory-limit 67108864
+  metrics=$(out c_ tasks metrics "$c")
+  grep -Eq '^memory\.(limit_in_bytes|usage_limit)[[:space:]]+67108864[[:space:]]*$' <<<"$metrics" \
+    || fail "an update to a 64 MiB memory limit did not reach the cgroup: $metrics"
+  log "ok: update set the memory limit"
   must c_ tasks pause "$c"
   assert_eq PAUSED "$(task_status "$c")" "task status after pause"
   must c_ tasks resume "$c"
@@ -191,16 +201,14 @@ flow_task_checkpoint() {
 }
 
 # checkpoint --exit: ctr 1.6 passes --exit, --image-path and --work-path only to runtimes named
-# io.containerd.runc.v1/v2, so the request goes to the shim the way a containerd client sends
-# it for those (tests' shim-checkpoint binary), with runc's checkpoint options.
+# io.containerd.runc.v1/v2, so the request goes to the shim the way containerd forwards it for
+# those (tests' shim-task binary), with runc's checkpoint options.
 flow_task_checkpoint_exit() {
-  local c=${NAME_PREFIX}shim-exit before bundle count_file f v r helper
-  helper=$REPO_DIR/target/debug/shim-checkpoint
-  [ -x "$helper" ] || fail "$helper is missing: cargo build --workspace builds it"
+  local c=${NAME_PREFIX}shim-exit before bundle count_file f v r
   start_counter "$c"
   before=$(counter_at_checkpoint "$c")
   bundle=$(bundle_of "$c")
-  must "$helper" --bundle "$bundle" --id "$c" --exit --image-path "$WORK/img" --work-path "$WORK/work"
+  must "$SHIM_TASK" checkpoint --bundle "$bundle" --id "$c" --exit --image-path "$WORK/img" --work-path "$WORK/work"
   wait_for 10 "task $c is STOPPED after checkpoint --exit" is_status "$c" STOPPED
   for f in inventory.img pstree.img descriptors.json cryo-manifest.json; do
     [ -s "$WORK/img/$f" ] || fail "checkpoint --exit wrote no $f into the image path"
