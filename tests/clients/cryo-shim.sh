@@ -8,8 +8,8 @@
 . "$(dirname "${BASH_SOURCE[0]}")/containerd.sh"
 
 CLIENT=cryo-shim
-FLOWS=(lifecycle exit-status terminal oom checkpoint-restore restore-new-id restore-without-rw
-  task-checkpoint task-checkpoint-exit checkpoint-fails-keeps-running)
+FLOWS=(lifecycle exit-status terminal oom shim-killed checkpoint-restore restore-new-id
+  restore-without-rw task-checkpoint task-checkpoint-exit checkpoint-fails-keeps-running)
 SHIM_RUNTIME=io.containerd.cryo.v1
 SHIM_NAME=containerd-shim-cryo-v1
 
@@ -169,6 +169,29 @@ flow_oom() {
   kill "$events_pid" 2>/dev/null || true
   wait "$events_pid" 2>/dev/null || true
   assert_eq 137 "$(deleted_exit_status "$c")" "exit status of the OOM-killed task"
+}
+
+not_running() { [ "$(task_status "$1")" != RUNNING ]; }
+pid_gone() { ! kill -0 "$1" 2>/dev/null; }
+
+# The shim dies (SIGKILL): containerd runs `containerd-shim-cryo-v1 delete`, which removes the
+# container with cryo (its processes killed, cryo's state and the rootfs mount gone).
+flow_shim_killed() {
+  local c=${NAME_PREFIX}shim-killed pid shim root
+  start_counter "$c"
+  pid=$(init_pid "$c")
+  assert_int "$pid" "init pid of $c"
+  shim=$(awk '{ print $4 }' "/proc/$pid/stat")
+  assert_eq "$SHIM_NAME" "$(basename "$(tr '\0' '\n' <"/proc/$shim/cmdline" | head -n 1)")" "binary of the init's parent (pid $shim)"
+  root=$(awk -F'"' '/^root/ { print $2 }' "$(shim_config)")
+  root=${root:-/run/containerd/cryo}/$NS
+  [ -d "$root/$c" ] || fail "no cryo state for $c in $root"
+  run kill -KILL "$shim"
+  wait_for 20 "containerd no longer reports $c running" not_running "$c"
+  wait_for 10 "the init (pid $pid) is gone" pid_gone "$pid"
+  wait_for 10 "cryo's state of $c is gone" test ! -e "$root/$c"
+  if grep -qF " $(bundle_of "$c")/rootfs " /proc/self/mounts; then fail "the rootfs of $c is still mounted"; fi
+  log "ok: the delete action removed $c"
 }
 
 flow_restore_without_rw() {
