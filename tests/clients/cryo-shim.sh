@@ -8,8 +8,9 @@
 . "$(dirname "${BASH_SOURCE[0]}")/containerd.sh"
 
 CLIENT=cryo-shim
-FLOWS=(lifecycle exit-status terminal oom shim-killed checkpoint-restore restore-new-id
-  restore-without-rw task-checkpoint task-checkpoint-exit checkpoint-fails-keeps-running)
+FLOWS=(lifecycle exit-status terminal oom shim-killed bad-config checkpoint-restore
+  restore-new-id restore-without-rw task-checkpoint task-checkpoint-exit
+  checkpoint-fails-keeps-running)
 SHIM_RUNTIME=io.containerd.cryo.v1
 SHIM_NAME=containerd-shim-cryo-v1
 
@@ -192,6 +193,18 @@ flow_shim_killed() {
   wait_for 10 "cryo's state of $c is gone" test ! -e "$root/$c"
   if grep -qF " $(bundle_of "$c")/rootfs " /proc/self/mounts; then fail "the rootfs of $c is still mounted"; fi
   log "ok: the delete action removed $c"
+}
+
+# A config the shim cannot use is refused when containerd starts the shim, by name.
+flow_bad_config() {
+  local c=${NAME_PREFIX}shim-badcfg err rc=0
+  printf '[checkpoint]\nrootfs_snapshot = "always"\n' >"$WORK/bad.toml"
+  err=$(tlimit ctr --address "$CONTAINERD_SOCK" -n "$NS" run -d --runtime "$SHIM_RUNTIME" \
+    --runtime-config-path "$WORK/bad.toml" "$E2E_IMAGE" "$c" true 2>&1) || rc=$?
+  log "ctr run said: $err"
+  [ "$rc" -ne 0 ] || fail "ctr run with an invalid shim config succeeded"
+  [[ $err == *"$WORK/bad.toml"* && $err == *always* ]] || fail "the error names neither the config nor the bad value: $err"
+  [ -z "$(task_status "$c")" ] || fail "a task $c exists after the refused start"
 }
 
 flow_restore_without_rw() {

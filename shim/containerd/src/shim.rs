@@ -76,8 +76,12 @@ impl Shim for CryoShim {
                 ))
             })?)
         };
-        // A bad config is reported now, when containerd starts the shim, not at create.
-        let settings = ShimOptions::from_any(options.as_ref()).map_err(|e| other(e.to_string()))?;
+        // A bad config is reported now, when containerd starts the shim, not at create, and
+        // in plain words: containerd-shim prints a returned error in its Debug form.
+        let settings = ShimOptions::from_any(options.as_ref()).unwrap_or_else(|e| {
+            eprintln!("containerd-shim-cryo-v1: {e}");
+            std::process::exit(1)
+        });
         let grouping = group_of(Path::new("config.json")).unwrap_or_else(|| opts.id.clone());
         let (pid, address) = spawn(opts, &grouping, Vec::new())?;
         write_address(&address)?;
