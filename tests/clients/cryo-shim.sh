@@ -73,6 +73,7 @@ assert sys.argv[2] in opts, "options %r lack %s" % (opts, sys.argv[2])' "$SHIM_R
 }
 
 init_pid() { c_ tasks ls | awk -v n="$1" '$1 == n { print $2 }'; }
+pid_gone() { ! kill -0 "$1" 2>/dev/null; }
 
 # The exit status containerd reports when the task is deleted (ctr warns about non-zero ones).
 deleted_exit_status() {  # NAME -> prints the status
@@ -83,7 +84,7 @@ deleted_exit_status() {  # NAME -> prints the status
 }
 
 flow_lifecycle() {
-  local c=${NAME_PREFIX}shim-life pid ps metrics
+  local c=${NAME_PREFIX}shim-life pid ps metrics sleeper
   start_counter "$c"
   assert_binary_name "$c"
   wait_for 20 "counter of $c reaches 3" counter_ge "$c" 3
@@ -104,13 +105,19 @@ flow_lifecycle() {
   grep -Eq '^memory\.(limit_in_bytes|usage_limit)[[:space:]]+67108864[[:space:]]*$' <<<"$metrics" \
     || fail "an update to a 64 MiB memory limit did not reach the cgroup: $metrics"
   log "ok: update set the memory limit"
+  # A detached exec: ctr tasks ps names it, kill --all ends it with the init.
+  must c_ tasks exec -d --exec-id sleeper "$c" sleep 1000
+  ps=$(out c_ tasks ps "$c")
+  sleeper=$(awk '/sleeper/ { print $1 }' <<<"$ps")
+  assert_int "$sleeper" "pid of the exec 'sleeper' in ctr tasks ps ($ps)"
   must c_ tasks pause "$c"
   assert_eq PAUSED "$(task_status "$c")" "task status after pause"
   must c_ tasks resume "$c"
   assert_eq RUNNING "$(task_status "$c")" "task status after resume"
   counter_advancing "$c"
-  must c_ tasks kill -s SIGKILL "$c"
+  must c_ tasks kill --all -s SIGKILL "$c"
   wait_for 10 "task $c is STOPPED" is_status "$c" STOPPED
+  wait_for 10 "the exec 'sleeper' (pid $sleeper) is gone too" pid_gone "$sleeper"
   assert_eq 137 "$(deleted_exit_status "$c")" "exit status of $c after SIGKILL"
   must c_ containers rm "$c"
   if c_ containers ls -q | grep -qxF "$c"; then fail "$c still listed after ctr containers rm"; fi
@@ -173,7 +180,6 @@ flow_oom() {
 }
 
 not_running() { [ "$(task_status "$1")" != RUNNING ]; }
-pid_gone() { ! kill -0 "$1" 2>/dev/null; }
 
 # The shim dies (SIGKILL): containerd runs `containerd-shim-cryo-v1 delete`, which removes the
 # container with cryo (its processes killed, cryo's state and the rootfs mount gone).
