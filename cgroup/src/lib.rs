@@ -21,6 +21,6 @@ pub use discovery::{
 };
 pub use error::CgroupError;
 pub use freezer::{
-    freezer_for, FreezeGuard, FreezeStats, Freezer, FreezerState, V1Freezer, V2Freezer,
+    freezer_at, freezer_for, FreezeGuard, FreezeStats, Freezer, FreezerState, V1Freezer, V2Freezer,
 };
 pub use mountinfo::{parse_mountinfo, MountInfoEntry};

@@ -62,9 +62,11 @@ pub fn log(level: &str, msg: &str) {
     if let Some(Sink { file: Some(f), .. }) = guard.as_mut() {
         let _ = writeln!(f, "{}", line(format, level, msg));
     }
+    // A closed stderr must not end cryo (eprintln! would panic).
+    let mut err = std::io::stderr();
     if level == "error" || level == "warning" {
-        eprintln!("cryo: {msg}");
+        let _ = writeln!(err, "cryo: {msg}");
     } else if level == "info" || debug {
-        eprintln!("{}", line(LogFormat::Text, level, msg));
+        let _ = writeln!(err, "{}", line(LogFormat::Text, level, msg));
     }
 }

@@ -39,6 +39,13 @@ fn main() {
     let ctx = Context {
         store: cryo_oci::StateStore::new(&cli.root),
         root: cli.root.clone(),
+        criu: cli.criu.clone().unwrap_or_else(|| "criu".into()),
+        log: cli.log.clone(),
+        log_format: cli.log_format,
+        gpu: cryo_checkpoint::gpu::GpuLookup::system(
+            cli.cuda_checkpoint.clone(),
+            cli.criu_plugin_dir.clone(),
+        ),
     };
     let result = match command {
         Command::Create(a) => commands::lifecycle::create(&ctx, &a),
@@ -54,10 +61,12 @@ fn main() {
         Command::Resume(a) => commands::lifecycle::resume(&ctx, &a.container_id),
         Command::Events(a) => commands::info::events(&ctx, &a),
         Command::Update(a) => commands::info::update(&ctx, &a),
-        Command::Features => commands::info::features(),
+        Command::Features => commands::info::features(&ctx),
         Command::Spec(a) => commands::info::spec(&a),
         Command::Checkpoint(a) => commands::checkpoint::checkpoint(&ctx, &a),
         Command::Restore(a) => commands::restore::restore(&ctx, &a),
+        Command::Verify(a) => commands::verify::verify(&a),
+        Command::Guardian => commands::guardian::run(&ctx),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod bundle;
+pub mod fanotify;
+pub mod faults;
 pub mod runtime;
 pub mod tree_digest;
 

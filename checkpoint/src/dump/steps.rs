@@ -45,20 +45,6 @@ pub(super) fn check_criu(criu: &dyn CriuClient, f: &DumpFlags) -> Result<(), Cri
     Ok(())
 }
 
-pub(super) fn prepare_dirs(req: &DumpRequest) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    for dir in [&req.image_dir, &req.work_dir] {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    // The image holds the container's memory: keep it private even if it already existed.
-    std::fs::set_permissions(&req.image_dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("cannot chmod {}: {e}", req.image_dir.display()))
-}
-
 pub(super) fn detect(req: &DumpRequest) -> Result<Option<RootfsKind>, String> {
     if req.snapshot == SnapshotMode::None || req.flags.pre_dump {
         return Ok(None);
@@ -90,6 +76,7 @@ pub(super) fn rootfs_record(kind: &Option<RootfsKind>, mode: SnapshotMode) -> Ro
             .unwrap_or_else(|| "unknown".into()),
         upper_dir: None,
         upper_identity: None,
+        upper_fingerprint: None,
         snapshot: None,
         skipped_because: None,
         device_nodes: Vec::new(),
@@ -100,6 +87,7 @@ pub(super) fn rootfs_record(kind: &Option<RootfsKind>, mode: SnapshotMode) -> Ro
         Some(RootfsKind::Overlay { upper_dir, .. }) => {
             r.upper_dir = Some(upper_dir.clone());
             r.upper_identity = facts::identity(upper_dir);
+            r.upper_fingerprint = facts::dir_identity(upper_dir);
         }
         Some(RootfsKind::Directory { .. }) => r.skipped_because = Some(
             "the rootfs is a plain directory, not an overlay: its changes cannot be told apart \

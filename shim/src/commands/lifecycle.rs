@@ -119,17 +119,22 @@ pub fn kill(ctx: &Context, a: &KillArgs) -> anyhow::Result<i32> {
 pub fn delete(ctx: &Context, a: &DeleteArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
     let _lock = ctx.store.lock(id)?;
+    if !ctx.store.exists(id) && ctx.store.container_dir(id).exists() {
+        // No finished container, but a directory: what a killed restore (or an aborted
+        // create) left. Undo it and remove it, never through a mount.
+        super::cleanup::undo_half_made(ctx, id)?;
+        return Ok(0);
+    }
     if a.force && !ctx.store.exists(id) {
         // As runc: a forced delete of a container that is already gone succeeds (podman's
         // checkpoint and containerd's cleanup shim both send one after the container went away).
-        // A directory without state.json is what an aborted create leaves: remove it.
-        let dir = ctx.store.container_dir(id);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("cryo: remove {}: {e}", dir.display());
-            }
-        }
         return Ok(0);
+    }
+    // Nothing of cryo's is ever mounted in a finished container's directory; if something is
+    // (a restore killed after recording the state), it is detached before libcontainer removes
+    // the directory.
+    for m in cryo_oci::fsutil::mounts_below(&ctx.store.container_dir(id)) {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
     let verb = if a.force {
         Verb::ForceDelete

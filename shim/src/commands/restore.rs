@@ -1,12 +1,18 @@
 //! `restore`: the host side of a restore (cgroups via libcgroups, hooks via libcontainer,
 //! state via libcontainer's store) around the engine.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use cryo_checkpoint::criu::swrk::SwrkClient;
+use cryo_checkpoint::criu::{swrk::SwrkClient, CriuClient};
+use cryo_checkpoint::gpu;
+use cryo_checkpoint::manifest::Manifest;
 use cryo_checkpoint::flags::CommonFlags;
-use cryo_checkpoint::restore::{self, RestoreFlags, RestoreHost, RestoreRequest};
+use cryo_checkpoint::restore::journal::CgroupUndo;
+use cryo_checkpoint::restore::{self, RestoreEnv, RestoreFlags, RestoreHost, RestoreRequest};
+use cryo_checkpoint::signals::InterruptGuard;
 use cryo_oci::{Bundle, ContainerRecord};
 use libcgroups::common::{
     create_cgroup_manager, AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt,
@@ -26,15 +32,23 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
     let bundle = Bundle::load(&a.bundle)?;
     let rootfs = bundle.rootfs()?;
-    let _lock = ctx.store.lock(id)?;
+    let lock = ctx.store.lock(id)?;
     if ctx.store.exists(id) {
         bail!("container with id {id} already exists: restore under another id or delete it first");
     }
+    // What an earlier restore of this id left when it was killed goes first.
+    super::cleanup::undo_half_made(ctx, id)?;
     let image_dir = image_dir(a.image_path.as_deref())?;
+    // An image with CUDA state, or a GPU bundle, that this machine cannot restore is refused
+    // here, before anything is created, with every reason.
+    let image_gpu = Manifest::read(&image_dir).ok().flatten().and_then(|m| m.gpu);
+    let gpu = gpu::restore_preflight(&bundle.spec, image_gpu.as_ref(), &image_dir, &ctx.gpu)
+        .with_context(|| format!("cannot restore container {id}"))?;
     let work_dir = a.work_path.clone().unwrap_or_else(|| image_dir.clone());
     let container_dir = ctx.store.container_dir(id);
-    std::fs::create_dir_all(&container_dir)
-        .with_context(|| format!("cannot create {}", container_dir.display()))?;
+    // The state dir is made by the restore itself, once its guardian runs (so a kill at any
+    // moment leaves none behind); only its parent must exist here, resolved.
+    create_private_dir(ctx.store.root())?;
     let youki_cfg = YoukiConfig::from_spec(&bundle.spec, id)?;
     if !a.detach && !a.no_subreaper {
         // Orphans of the restored tree must come back to us so we can reap them.
@@ -49,9 +63,12 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         work_dir,
         // CRIU finds its root mount by path in mountinfo, which shows resolved paths: docker's
         // --root /var/run/… must become /run/… or CRIU cannot match the mount (as runc does).
-        scratch_dir: container_dir
+        scratch_dir: ctx
+            .store
+            .root()
             .canonicalize()
-            .with_context(|| format!("cannot resolve {}", container_dir.display()))?,
+            .with_context(|| format!("cannot resolve {}", ctx.store.root().display()))?
+            .join(id),
         console_socket: a.console_socket.clone(),
         pid_file: a.pid_file.clone(),
         cgroup_path: youki_cfg.cgroup_path.clone(),
@@ -72,30 +89,40 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
             lsm_mount_context: a.lsm_mount_context.clone(),
             no_rootfs_restore: a.no_rootfs_restore,
         },
+        criu_timeout: Duration::from_secs(a.criu_timeout),
     };
     let mut host = Host::new(id, &bundle.spec, &bundle.dir, youki_cfg.cgroup_path.clone());
-    let report = match restore::restore(&req, &SwrkClient::default(), &mut host) {
-        Ok(r) => r,
+    let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
+    let mut swrk = SwrkClient::new(&ctx.criu)
+        .with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
+    if let Some(plan) = &gpu {
+        swrk = plan.swrk_client(swrk);
+    }
+    let gpu_criu = gpu::GpuCriu::new(&swrk);
+    let criu: &dyn CriuClient = if gpu.is_some() { &gpu_criu } else { &swrk };
+    let launcher = super::guardian::Launcher::new(ctx);
+    let env = RestoreEnv {
+        criu,
+        guardian: &launcher,
+        lock: Some(lock.as_fd()),
+        interrupted: &|| interrupts.interrupted(),
+    };
+    let pending = match restore::restore(&req, &env, &mut host) {
+        Ok(p) => p,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&container_dir);
+            // Everything the restore made is undone; the directory it started from goes too.
+            if let Err(rm) = super::cleanup::remove_state_dir(&container_dir) {
+                crate::logging::log("warning", &format!("{rm:#}"));
+            }
             return Err(e.into());
         }
     };
-    let mut container = Container::new(
-        id,
-        ContainerStatus::Running,
-        Some(report.pid),
-        &bundle.dir,
-        &container_dir,
-    )?;
-    container.state.created = Some(chrono::Utc::now());
-    container.save()?;
-    youki_cfg.save(&container_dir)?;
-    ctx.store.save(&ContainerRecord {
+    let pid = pending.report.pid;
+    let record = ContainerRecord {
         id: id.clone(),
         bundle: bundle.dir.clone(),
         rootfs: req.rootfs.clone(),
-        stdio: report.stdio.clone(),
+        stdio: pending.report.stdio.clone(),
         terminal: bundle
             .spec
             .process()
@@ -104,24 +131,69 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
             .unwrap_or(false),
         created: chrono::Utc::now(),
         restored_from: Some(image_dir),
-    })?;
+    };
+    // The state first, then the commit: a restore is committed only once the container is
+    // on record (dropping `pending` on an error here undoes it, the process included).
+    let saved = (|| -> anyhow::Result<()> {
+        let mut container = Container::new(
+            id,
+            ContainerStatus::Running,
+            Some(pid),
+            &bundle.dir,
+            &container_dir,
+        )?;
+        container.state.created = Some(chrono::Utc::now());
+        container.save()?;
+        youki_cfg.save(&container_dir)?;
+        ctx.store.save(&record)?;
+        Ok(())
+    })();
+    if let Err(e) = saved {
+        drop(pending);
+        let _ = super::cleanup::remove_state_dir(&container_dir);
+        return Err(e.context(format!("restored {id}, but recording its state failed; the restore was undone")));
+    }
+    let report = pending.commit();
+    drop(interrupts);
+    if let Some(plugin) = gpu_criu.last_plugin_log() {
+        crate::logging::log(
+            "debug",
+            &format!(
+                "CRIU's CUDA plugin resumed {} process(es): {:.1} ms",
+                plugin.cuda_pids.len(),
+                plugin.timings.map_or(0.0, |t| t.resume_ms)
+            ),
+        );
+    }
+    for w in &report.warnings {
+        crate::logging::log("warning", w);
+    }
     crate::logging::log(
         "debug",
         &format!(
-            "restored {id} as pid {} in {:.1} ms ({})",
-            report.pid, report.restore_ms, report.rootfs_note
+            "restored {id} as pid {} in {:.1} ms (image verified in {:.1} ms; {})",
+            report.pid, report.restore_ms, report.verify_ms, report.rootfs_note
         ),
     );
     if a.detach {
         return Ok(0);
     }
-    drop(_lock);
+    drop(lock);
     let code = wait_forwarding(Pid::from_raw(report.pid));
     let _lock = ctx.store.lock(id)?;
     if let Ok(mut c) = Container::load(container_dir) {
         let _ = c.delete(true);
     }
     Ok(code)
+}
+
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
 }
 
 /// cgroups and hooks for the engine.
@@ -240,23 +312,10 @@ impl RestoreHost for Host {
         }
         Ok(())
     }
+}
 
-    fn destroy(&mut self) {
-        self.leave_cgroup();
-        if let Some(m) = &self.manager {
-            if let Ok(pids) = m.get_all_pids() {
-                for p in pids {
-                    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
-                }
-            }
-            let _ = m.freeze(libcgroups::common::FreezerState::Thawed);
-            for _ in 0..100 {
-                if m.get_all_pids().map(|p| p.is_empty()).unwrap_or(true) {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            let _ = m.remove();
-        }
+impl CgroupUndo for Host {
+    fn destroy(&self, cgroup_path: &std::path::Path) {
+        super::cleanup::destroy_cgroup(&self.id, cgroup_path);
     }
 }
