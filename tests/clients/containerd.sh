@@ -201,4 +201,5 @@ flow_task_checkpoint_exit() {
   quiet "$RUNTIME" --root "$WORK/runtime-root" delete --force "${c}-r"
 }
 
-client_main "$@"
+# Sourced by cryo-shim.sh for the helpers above: run only when executed.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then client_main "$@"; fi
