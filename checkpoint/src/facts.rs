@@ -154,77 +154,6 @@ pub fn dir_identity(path: &Path) -> Option<DirIdentity> {
     })
 }
 
-#[cfg(test)]
-mod identity_tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    /// A tiny ext4 (16 inodes) mounted in a temp dir, so a freed inode number must come back.
-    struct TinyExt4 {
-        _dir: tempfile::TempDir,
-        mnt: std::path::PathBuf,
-    }
-
-    impl TinyExt4 {
-        fn new() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let img = dir.path().join("fs.img");
-            let mnt = dir.path().join("mnt");
-            std::fs::create_dir(&mnt).unwrap();
-            std::fs::File::create(&img).unwrap().set_len(4 << 20).unwrap();
-            let ok = std::process::Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-N", "16"])
-                .arg(&img)
-                .status()
-                .expect("mkfs.ext4 (e2fsprogs) is needed for this test");
-            assert!(ok.success());
-            let ok = std::process::Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&img)
-                .arg(&mnt)
-                .status()
-                .unwrap();
-            assert!(ok.success(), "loop-mounting an ext4 image (this test runs as root)");
-            Self { _dir: dir, mnt }
-        }
-    }
-
-    impl Drop for TinyExt4 {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.mnt).status();
-        }
-    }
-
-    /// The case of issue 18: a directory removed and a new one made in its place, which
-    /// ext4 gives the freed inode number, must not pass for the old one.
-    #[test]
-    fn a_reused_inode_is_not_the_same_directory() {
-        let fs = TinyExt4::new();
-        let a = fs.mnt.join("upper");
-        std::fs::create_dir(&a).unwrap();
-        let old = dir_identity(&a).unwrap();
-        assert!(old.is_conclusive(), "ext4 records birth time and generation");
-        assert_eq!(dir_identity(&a), Some(old), "the same directory is itself");
-        // With 16 inodes in all, the freed number comes back within a few tries.
-        let mut reused = None;
-        for _ in 0..16 {
-            std::fs::remove_dir(&a).unwrap();
-            std::fs::create_dir(&a).unwrap();
-            let new = dir_identity(&a).unwrap();
-            if new.ino == old.ino {
-                reused = Some(new);
-                break;
-            }
-        }
-        let new = reused.expect("a 16-inode ext4 never reused the inode number");
-        assert_eq!((new.dev, new.ino), (old.dev, old.ino));
-        assert_ne!(new, old, "a re-created directory with the old inode number passed for the old one");
-        // A renamed directory is still itself.
-        let b = fs.mnt.join("moved");
-        std::fs::rename(&a, &b).unwrap();
-        assert_eq!(dir_identity(&b), Some(new));
-    }
-}
 
 /// Host cgroup mount points under /sys/fs/cgroup (v1 controllers and the v2 mount).
 /// Host cgroup mount points at or below /sys/fs/cgroup: v1 controllers and the cgroup2 mount
@@ -254,4 +183,88 @@ pub fn host_devshm(spec: &Spec) -> Option<PathBuf> {
             .flatten()
             .filter(|p| p.is_dir())
     })
+}
+
+#[cfg(test)]
+mod identity_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A tiny ext4 (16 inodes) mounted in a temp dir, so a freed inode number must come back.
+    struct TinyExt4 {
+        _dir: tempfile::TempDir,
+        mnt: std::path::PathBuf,
+    }
+
+    impl TinyExt4 {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let img = dir.path().join("fs.img");
+            let mnt = dir.path().join("mnt");
+            std::fs::create_dir(&mnt).unwrap();
+            std::fs::File::create(&img)
+                .unwrap()
+                .set_len(4 << 20)
+                .unwrap();
+            let ok = std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-N", "16"])
+                .arg(&img)
+                .status()
+                .expect("mkfs.ext4 (e2fsprogs) is needed for this test");
+            assert!(ok.success());
+            let ok = std::process::Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt)
+                .status()
+                .unwrap();
+            assert!(
+                ok.success(),
+                "loop-mounting an ext4 image (this test runs as root)"
+            );
+            Self { _dir: dir, mnt }
+        }
+    }
+
+    impl Drop for TinyExt4 {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+        }
+    }
+
+    /// The case of issue 18: a directory removed and a new one made in its place, which
+    /// ext4 gives the freed inode number, must not pass for the old one.
+    #[test]
+    fn a_reused_inode_is_not_the_same_directory() {
+        let fs = TinyExt4::new();
+        let a = fs.mnt.join("upper");
+        std::fs::create_dir(&a).unwrap();
+        let old = dir_identity(&a).unwrap();
+        assert!(
+            old.is_conclusive(),
+            "ext4 records birth time and generation"
+        );
+        assert_eq!(dir_identity(&a), Some(old), "the same directory is itself");
+        // With 16 inodes in all, the freed number comes back within a few tries.
+        let mut reused = None;
+        for _ in 0..16 {
+            std::fs::remove_dir(&a).unwrap();
+            std::fs::create_dir(&a).unwrap();
+            let new = dir_identity(&a).unwrap();
+            if new.ino == old.ino {
+                reused = Some(new);
+                break;
+            }
+        }
+        let new = reused.expect("a 16-inode ext4 never reused the inode number");
+        assert_eq!((new.dev, new.ino), (old.dev, old.ino));
+        assert_ne!(
+            new, old,
+            "a re-created directory with the old inode number passed for the old one"
+        );
+        // A renamed directory is still itself.
+        let b = fs.mnt.join("moved");
+        std::fs::rename(&a, &b).unwrap();
+        assert_eq!(dir_identity(&b), Some(new));
+    }
 }

@@ -124,8 +124,8 @@ impl Guardian {
 
     /// Tell the guardian something; an error means it is gone.
     pub fn order(&mut self, order: &Order) -> Result<(), GuardianError> {
-        let mut line = serde_json::to_vec(order)
-            .map_err(|e| GuardianError::Lost(std::io::Error::other(e)))?;
+        let mut line =
+            serde_json::to_vec(order).map_err(|e| GuardianError::Lost(std::io::Error::other(e)))?;
         line.push(b'\n');
         let socket = self
             .socket
@@ -253,7 +253,9 @@ pub fn serve(orders: OwnedFd, host: &dyn GuardianHost) -> Ending {
     }
     for tag in std::mem::take(&mut duties.cleanups) {
         if let Err(e) = host.cleanup(&tag) {
-            host.log(&format!("cleaning up after the restore of {tag} failed: {e}"));
+            host.log(&format!(
+                "cleaning up after the restore of {tag} failed: {e}"
+            ));
         }
     }
     Ending::Undid
@@ -402,8 +404,8 @@ fn pidfd_kill(pidfd: &OwnedFd) -> std::io::Result<()> {
 fn wait_pidfd(pidfd: &OwnedFd, timeout: Duration) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-    let ms = PollTimeout::try_from(timeout.as_millis().min(60_000) as u32)
-        .unwrap_or(PollTimeout::MAX);
+    let ms =
+        PollTimeout::try_from(timeout.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX);
     loop {
         match poll(&mut fds, ms) {
             Ok(n) => return n > 0,

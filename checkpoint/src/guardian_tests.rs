@@ -44,9 +44,7 @@ fn send(s: &mut UnixStream, o: &Order) {
 }
 
 /// Run `serve` on a thread; returns cryo's end of the socket and the join handle.
-fn guardian(
-    host: std::sync::Arc<Recorder>,
-) -> (UnixStream, std::thread::JoinHandle<Ending>) {
+fn guardian(host: std::sync::Arc<Recorder>) -> (UnixStream, std::thread::JoinHandle<Ending>) {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let h = std::thread::spawn(move || serve(OwnedFd::from(theirs), host.as_ref()));
     (ours, h)
@@ -67,7 +65,12 @@ fn dismissed_guardian_touches_nothing() {
     let host = std::sync::Arc::new(Recorder::default());
     let (mut s, h) = guardian(host.clone());
     send(&mut s, &freezing(&cg, false, None));
-    send(&mut s, &Order::Remove { path: keep.path().to_path_buf() });
+    send(
+        &mut s,
+        &Order::Remove {
+            path: keep.path().to_path_buf(),
+        },
+    );
     send(&mut s, &Order::Cleanup { tag: "c1".into() });
     send(&mut s, &Order::Done);
     assert_eq!(h.join().unwrap(), Ending::Dismissed);
@@ -88,9 +91,24 @@ fn when_cryo_vanishes_it_thaws_removes_and_cleans_up() {
     let host = std::sync::Arc::new(Recorder::default());
     let (mut s, h) = guardian(host.clone());
     send(&mut s, &freezing(&cg, false, None));
-    send(&mut s, &Order::Remove { path: staging.clone() });
-    send(&mut s, &Order::Remove { path: published.clone() });
-    send(&mut s, &Order::Keep { path: published.clone() });
+    send(
+        &mut s,
+        &Order::Remove {
+            path: staging.clone(),
+        },
+    );
+    send(
+        &mut s,
+        &Order::Remove {
+            path: published.clone(),
+        },
+    );
+    send(
+        &mut s,
+        &Order::Keep {
+            path: published.clone(),
+        },
+    );
     send(&mut s, &Order::Cleanup { tag: "c1".into() });
     send(&mut s, &Order::Cleanup { tag: "c2".into() });
     send(&mut s, &Order::CleanupDone { tag: "c2".into() });
@@ -107,7 +125,10 @@ fn a_container_paused_before_stays_paused() {
     let cg = fake_cgroup("FROZEN");
     let host = std::sync::Arc::new(Recorder::default());
     let (mut s, h) = guardian(host);
-    send(&mut s, &freezing(&cg, true, Some(deadline_after(Duration::ZERO))));
+    send(
+        &mut s,
+        &freezing(&cg, true, Some(deadline_after(Duration::ZERO))),
+    );
     drop(s);
     assert_eq!(h.join().unwrap(), Ending::Undid);
     assert_eq!(state(&cg), "FROZEN");
@@ -146,7 +167,11 @@ fn the_deadline_thaws_while_cryo_still_lives() {
     send(&mut s, &Order::Done);
     assert_eq!(h.join().unwrap(), Ending::Dismissed);
     assert!(
-        host.log.lock().unwrap().iter().any(|l| l.contains("deadline")),
+        host.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("deadline")),
         "{:?}",
         host.log.lock().unwrap()
     );
@@ -155,16 +180,27 @@ fn the_deadline_thaws_while_cryo_still_lives() {
 #[test]
 fn a_lingering_criu_is_killed_before_the_thaw() {
     let cg = fake_cgroup("FROZEN");
-    let mut criu = std::process::Command::new("sleep").arg("100").spawn().unwrap();
+    let mut criu = std::process::Command::new("sleep")
+        .arg("100")
+        .spawn()
+        .unwrap();
     let host = std::sync::Arc::new(Recorder::default());
     let (mut s, h) = guardian(host.clone());
     send(&mut s, &freezing(&cg, false, None));
-    send(&mut s, &Order::Criu { pid: criu.id() as i32 });
+    send(
+        &mut s,
+        &Order::Criu {
+            pid: criu.id() as i32,
+        },
+    );
     drop(s);
     let start = Instant::now();
     let status = criu.wait().unwrap();
     assert_eq!(h.join().unwrap(), Ending::Undid);
-    assert!(!status.success(), "the stand-in CRIU was killed: {status:?}");
+    assert!(
+        !status.success(),
+        "the stand-in CRIU was killed: {status:?}"
+    );
     assert!(start.elapsed() < Duration::from_secs(5));
     assert_eq!(state(&cg), "THAWED");
     assert!(host
@@ -180,7 +216,9 @@ fn guardian_client_reports_a_dead_guardian() {
     struct Exits;
     impl GuardianLauncher for Exits {
         fn launch(&self, orders: OwnedFd, _lock: Option<BorrowedFd<'_>>) -> std::io::Result<Child> {
-            std::process::Command::new("true").stdin(File::from(orders)).spawn()
+            std::process::Command::new("true")
+                .stdin(File::from(orders))
+                .spawn()
         }
     }
     let mut g = Guardian::start(&Exits, None).unwrap();

@@ -367,7 +367,13 @@ pub(crate) mod tests {
         m.write(&dir).unwrap();
         let back = Manifest::read(&dir).unwrap().unwrap();
         assert_eq!(back.manifest_blake3.len(), 64);
-        assert_eq!(Manifest { manifest_blake3: String::new(), ..back }, m);
+        assert_eq!(
+            Manifest {
+                manifest_blake3: String::new(),
+                ..back
+            },
+            m
+        );
         std::fs::write(dir.join(FILE), r#"{"format":"cryo.checkpoint/v9"}"#).unwrap();
         let e = Manifest::read(&dir).unwrap_err().to_string();
         assert!(
@@ -405,7 +411,10 @@ pub(crate) mod tests {
         future.requires = vec!["quantum-pages".into()];
         future.write(dir.path()).unwrap();
         let e = Manifest::read(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("quantum-pages") && e.contains("newer cryo"), "{e}");
+        assert!(
+            e.contains("quantum-pages") && e.contains("newer cryo"),
+            "{e}"
+        );
         // v1 manifests (no digests) are still read.
         let mut old: serde_json::Value = serde_json::from_slice(&good).unwrap();
         old["format"] = FORMAT_V1.into();

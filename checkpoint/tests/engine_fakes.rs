@@ -107,7 +107,11 @@ impl CriuClient for FakeCriu {
         }
         std::fs::write(call.images_dir.join("inventory.img"), b"fake").unwrap();
         std::fs::write(call.images_dir.join("core-1.img"), b"registers").unwrap();
-        std::fs::write(call.work_dir.join("dump.log"), b"Dumping finished successfully").unwrap();
+        std::fs::write(
+            call.work_dir.join("dump.log"),
+            b"Dumping finished successfully",
+        )
+        .unwrap();
         Ok(CriuOutcome::default())
     }
 }
@@ -171,8 +175,15 @@ fn criu_failure_thaws_and_says_so() {
         msg.contains("dumping with CRIU") && msg.contains("thawed and keeps running"),
         "{msg}"
     );
-    assert!(!dir.join("img").exists(), "a failed checkpoint leaves no image dir");
-    assert_eq!(only_entries(&dir), vec!["bundle", "freezer"], "nothing half-made beside it");
+    assert!(
+        !dir.join("img").exists(),
+        "a failed checkpoint leaves no image dir"
+    );
+    assert_eq!(
+        only_entries(&dir),
+        vec!["bundle", "freezer"],
+        "nothing half-made beside it"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -194,12 +205,18 @@ fn a_failed_checkpoint_keeps_the_previous_one_whole() {
     let before = std::fs::read(dir.join("img/cryo-manifest.json")).unwrap();
     let e = checkpoint(&req, &fake(&dir, true), &freezer, &|| false).unwrap_err();
     assert!(full(&e).contains("dumping with CRIU"), "{}", full(&e));
-    assert_eq!(std::fs::read(dir.join("img/cryo-manifest.json")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(dir.join("img/cryo-manifest.json")).unwrap(),
+        before
+    );
     cryo_checkpoint::image::verify_image(&dir.join("img")).expect("the old image still verifies");
     assert_eq!(only_entries(&dir), vec!["bundle", "freezer", "img"]);
     // And a second good one replaces it whole.
     checkpoint(&req, &fake(&dir, false), &freezer, &|| false).unwrap();
-    assert_ne!(std::fs::read(dir.join("img/cryo-manifest.json")).unwrap(), before);
+    assert_ne!(
+        std::fs::read(dir.join("img/cryo-manifest.json")).unwrap(),
+        before
+    );
     cryo_checkpoint::image::verify_image(&dir.join("img")).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -215,9 +232,16 @@ fn an_image_path_holding_user_files_is_refused_untouched() {
     let criu = fake(&dir, false);
     let e = full(&checkpoint(&req, &criu, &freezer, &|| false).unwrap_err());
     assert!(e.contains("notes.txt") && e.contains("not touched"), "{e}");
-    assert!(criu.seen_state.borrow().is_none(), "refused before CRIU ran");
+    assert!(
+        criu.seen_state.borrow().is_none(),
+        "refused before CRIU ran"
+    );
     assert_eq!(only_entries(&dir.join("img")), vec!["notes.txt"]);
-    let mode = std::fs::metadata(dir.join("img")).unwrap().permissions().mode() & 0o7777;
+    let mode = std::fs::metadata(dir.join("img"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
     assert_eq!(mode, 0o1777, "the directory's mode is untouched");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -236,9 +260,18 @@ fn the_log_of_a_failed_checkpoint_is_kept_where_the_error_says() {
             Ok(Features::default())
         }
         fn call(&self, call: CriuCall, n: &mut dyn CallObserver) -> Result<CriuOutcome, CriuError> {
-            n.notify(Notification { script: "pre-dump", pid: 0, fd: None }).unwrap();
+            n.notify(Notification {
+                script: "pre-dump",
+                pid: 0,
+                fd: None,
+            })
+            .unwrap();
             let log = call.work_dir.join("dump.log");
-            std::fs::write(&log, "(00.1) Error (criu/sk-inet.c:191): inet: Connected TCP socket").unwrap();
+            std::fs::write(
+                &log,
+                "(00.1) Error (criu/sk-inet.c:191): inet: Connected TCP socket",
+            )
+            .unwrap();
             Err(CriuError::Failed {
                 kind: "DUMP".into(),
                 errno: 0,
@@ -251,8 +284,14 @@ fn the_log_of_a_failed_checkpoint_is_kept_where_the_error_says() {
     let e = checkpoint(&req, &LogThenFail, &freezer, &|| false).unwrap_err();
     let kept = e.log.clone().expect("the log is kept");
     assert!(kept.starts_with(&dir), "{kept:?}");
-    assert!(std::fs::read_to_string(&kept).unwrap().contains("Connected TCP socket"));
-    assert!(full(&e).contains(&kept.display().to_string()), "{}", full(&e));
+    assert!(std::fs::read_to_string(&kept)
+        .unwrap()
+        .contains("Connected TCP socket"));
+    assert!(
+        full(&e).contains(&kept.display().to_string()),
+        "{}",
+        full(&e)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -283,7 +322,10 @@ fn paused_container_stays_paused_and_manifest_is_written() {
     assert!(dir.join("img/cryo-manifest.json").exists());
     assert!(dir.join("img/descriptors.json").exists());
     let names: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
-    assert_eq!(names, vec!["core-1.img", "descriptors.json", "inventory.img"]);
+    assert_eq!(
+        names,
+        vec!["core-1.img", "descriptors.json", "inventory.img"]
+    );
     let v = cryo_checkpoint::image::verify_image(&dir.join("img")).unwrap();
     assert_eq!(v.files_checked, 3);
     std::fs::remove_dir_all(&dir).unwrap();

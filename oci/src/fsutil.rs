@@ -103,7 +103,14 @@ fn list(dir: &OwnedFd) -> io::Result<Vec<std::ffi::OsString>> {
 fn lstat_at(at: RawFd, name: &CStr) -> io::Result<libc::stat> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: fstatat writes a full `struct stat` into `st` on success; checked below.
-    let r = unsafe { libc::fstatat(at, name.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::fstatat(
+            at,
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -115,9 +122,22 @@ fn lstat_at(at: RawFd, name: &CStr) -> io::Result<libc::stat> {
 /// the same filesystem have their own id, which `st_dev` cannot tell apart.
 fn mount_id(at: RawFd, name: &CStr) -> io::Result<u64> {
     let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
-    let flags = libc::AT_SYMLINK_NOFOLLOW | if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    let flags = libc::AT_SYMLINK_NOFOLLOW
+        | if name.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
     // SAFETY: statx fills `stx` on success; the name is a valid C string.
-    let r = unsafe { libc::statx(at, name.as_ptr(), flags, libc::STATX_MNT_ID, stx.as_mut_ptr()) };
+    let r = unsafe {
+        libc::statx(
+            at,
+            name.as_ptr(),
+            flags,
+            libc::STATX_MNT_ID,
+            stx.as_mut_ptr(),
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

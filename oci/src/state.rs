@@ -155,13 +155,12 @@ fn lock_file(path: &Path) -> Result<Flock<File>, StateError> {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let guard = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
-            StateError::Io {
+        let guard =
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| StateError::Io {
                 step: "lock",
                 path: path.to_path_buf(),
                 source: errno.into(),
-            }
-        })?;
+            })?;
         // If the previous holder unlinked the file while we waited, this flock guards
         // nothing: let it go (without Drop's unlink, the path may be a newer file) and retry.
         if is_file_at(&guard, path) {

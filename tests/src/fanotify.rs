@@ -116,8 +116,8 @@ fn serve(
             }
             if meta.fd >= 0 {
                 // The path from the fd the event carries (readlink opens nothing on the mount).
-                let path = std::fs::read_link(format!("/proc/self/fd/{}", meta.fd))
-                    .unwrap_or_default();
+                let path =
+                    std::fs::read_link(format!("/proc/self/fd/{}", meta.fd)).unwrap_or_default();
                 if fired.is_none() && hit(&path) {
                     if let Some(a) = action.take() {
                         a(&path);

@@ -55,7 +55,8 @@ impl Heartbeat {
     /// The same in a given bundle (whose args must run `/heartbeat`).
     pub fn start_in(rt: &Runtime, bundle: Bundle, id: &str) -> Self {
         std::fs::copy(heartbeat_bin(), bundle.rootfs().join("heartbeat")).unwrap();
-        let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", bundle.dir.to_str().unwrap(), id]);
+        let lines =
+            rt.spawn_with_pipe(&["run", "-d", "--bundle", bundle.dir.to_str().unwrap(), id]);
         let hb = Self {
             rt: rt.clone(),
             bundle,
@@ -105,13 +106,19 @@ impl Heartbeat {
         let end = Instant::now() + within;
         loop {
             let now = self.check();
-            assert!(!now.starts_with("CORRUPT"), "the workload's memory is damaged: {now}");
+            assert!(
+                !now.starts_with("CORRUPT"),
+                "the workload's memory is damaged: {now}"
+            );
             if let (Some(a), Some(b)) = (first, round(&now)) {
                 if b > a {
                     return;
                 }
             }
-            assert!(Instant::now() < end, "the memory check did not advance: {now}");
+            assert!(
+                Instant::now() < end,
+                "the memory check did not advance: {now}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -136,7 +143,10 @@ pub fn spawn(rt: &Runtime, args: &[&str]) -> Child {
 /// What a background command said and how it ended.
 pub fn finish(child: Child) -> (std::process::ExitStatus, String) {
     let out = child.wait_with_output().unwrap();
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The pid of a `criu` child of `parent`, if one runs.
@@ -155,7 +165,12 @@ pub fn criu_child(parent: u32) -> Option<i32> {
 /// checkpointing process) is alive, and its process is held (frozen by the cgroup freezer, or
 /// stopped by CRIU's ptrace): the freeze. A workload merely starved of CPU on a busy machine
 /// does not count. Returns false if it never came.
-pub fn wait_for_freeze(hb: &Heartbeat, busy: &mut Child, quiet: Duration, within: Duration) -> bool {
+pub fn wait_for_freeze(
+    hb: &Heartbeat,
+    busy: &mut Child,
+    quiet: Duration,
+    within: Duration,
+) -> bool {
     let pid = hb.rt.state(&hb.id)["pid"].as_i64().unwrap_or(0);
     let end = Instant::now() + within;
     let mut last = hb.beats();
@@ -196,7 +211,9 @@ pub fn held(pid: i64) -> bool {
         };
         let rel = path.trim_start_matches('/');
         let file = if ctrl == "freezer" {
-            Path::new("/sys/fs/cgroup/freezer").join(rel).join("freezer.state")
+            Path::new("/sys/fs/cgroup/freezer")
+                .join(rel)
+                .join("freezer.state")
         } else if ctrl.is_empty() {
             let v2 = if Path::new("/sys/fs/cgroup/unified").is_dir() {
                 "/sys/fs/cgroup/unified"
@@ -217,7 +234,11 @@ pub fn held(pid: i64) -> bool {
 
 /// Wait until a `criu` child of `busy` runs while the workload still beats: CRIU started,
 /// the freeze not yet. Returns CRIU's pid.
-pub fn wait_for_criu_before_freeze(hb: &Heartbeat, busy: &mut Child, within: Duration) -> Option<i32> {
+pub fn wait_for_criu_before_freeze(
+    hb: &Heartbeat,
+    busy: &mut Child,
+    within: Duration,
+) -> Option<i32> {
     let end = Instant::now() + within;
     while Instant::now() < end {
         if busy.try_wait().unwrap().is_some() {

@@ -6,9 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod bundle;
+pub mod cgroups;
 pub mod fanotify;
 pub mod faults;
-pub mod cgroups;
 pub mod runtime;
 pub mod tree_digest;
 

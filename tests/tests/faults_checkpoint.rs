@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cryo_tests::faults::{
-    finish, processes_mentioning, record, signal, spawn, staging_left, time_to_thaw,
-    wait_for_criu_before_freeze, wait_for_freeze, wait_for_thaw, criu_child, Heartbeat, Tmpfs,
+    criu_child, finish, processes_mentioning, record, signal, spawn, staging_left, time_to_thaw,
+    wait_for_criu_before_freeze, wait_for_freeze, wait_for_thaw, Heartbeat, Tmpfs,
 };
 use cryo_tests::{unique, Runtime};
 use nix::sys::signal::Signal;
@@ -32,8 +32,14 @@ fn assert_survived(hb: &Heartbeat, img: &Path, image_may_exist: bool, thawed: Du
     assert_eq!(hb.rt.state(&hb.id)["status"], "running");
     hb.assert_memory_intact(Duration::from_secs(30));
     let image = if img.exists() {
-        assert!(image_may_exist, "a failed checkpoint left an image at {}", img.display());
-        let out = hb.rt.run(&["verify", "--image-path", img.to_str().unwrap()]);
+        assert!(
+            image_may_exist,
+            "a failed checkpoint left an image at {}",
+            img.display()
+        );
+        let out = hb
+            .rt
+            .run(&["verify", "--image-path", img.to_str().unwrap()]);
         assert!(
             out.status.success(),
             "the image left is not complete and intact: {}",
@@ -118,7 +124,8 @@ fn strike(
         assert!(seen, "the moment was never seen: {:?}", finish(child));
         if let Some(target) = pick(fault, &child) {
             signal(target, fault.signal());
-            let thawed = time_to_thaw(hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
+            let thawed =
+                time_to_thaw(hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
             let (status, err) = finish(child);
             return (status, err, thawed);
         }
@@ -166,7 +173,10 @@ fn case(name: &str, extra: &[&str], when: Moment, fault: Fault, runc_too: bool) 
     let img = hb.bundle.dir.join("img");
     let (status, err, thawed) = strike(&hb, extra, &img, when, fault);
     if !matches!(fault, Fault::KillCheckpointer) {
-        assert!(!status.success(), "a checkpoint whose CRIU died succeeded: {err}");
+        assert!(
+            !status.success(),
+            "a checkpoint whose CRIU died succeeded: {err}"
+        );
         let said = match when {
             Moment::BeforeFreeze => "not touched",
             _ => "thawed and keeps running",
@@ -267,10 +277,17 @@ fn criu_crashing_inside_the_freeze() {
 /// Start a checkpoint of `hb` and stop (SIGSTOP) its CRIU inside the freeze, while the
 /// container is held: a hung CRIU. The freeze can end between seeing it and the stop; then the
 /// checkpoint is let finish and tried again. Returns the checkpoint and CRIU's pid.
-fn hang_criu_inside_the_freeze(hb: &Heartbeat, extra: &[&str], img: &Path) -> (std::process::Child, i32) {
+fn hang_criu_inside_the_freeze(
+    hb: &Heartbeat,
+    extra: &[&str],
+    img: &Path,
+) -> (std::process::Child, i32) {
     for _ in 0..5 {
         let mut child = spawn(&hb.rt, &args(extra, img, &hb.id));
-        assert!(wait_for_freeze(hb, &mut child, QUIET, WITHIN), "the freeze was never seen");
+        assert!(
+            wait_for_freeze(hb, &mut child, QUIET, WITHIN),
+            "the freeze was never seen"
+        );
         if let Some(criu) = criu_child(child.id()) {
             signal(criu, Signal::SIGSTOP);
             if !hb.advancing(Duration::from_millis(300)) {
@@ -291,15 +308,26 @@ fn sigterm_while_criu_hangs() {
     let hb = Heartbeat::start(&rt, &unique("hang"), MIB);
     let _g = rt.guard(&hb.id);
     let img = hb.bundle.dir.join("img");
-    let (child, criu) = hang_criu_inside_the_freeze(&hb, &["--leave-running", "--no-page-staging"], &img);
+    let (child, criu) =
+        hang_criu_inside_the_freeze(&hb, &["--leave-running", "--no-page-staging"], &img);
     signal(child.id() as i32, Signal::SIGTERM);
     let thawed = time_to_thaw(&hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
     let (status, err) = finish(child);
     assert!(!status.success());
-    assert!(err.contains("interrupted") && err.contains("thawed and keeps running"), "{err}");
+    assert!(
+        err.contains("interrupted") && err.contains("thawed and keeps running"),
+        "{err}"
+    );
     let cryo = assert_survived(&hb, &img, false, thawed);
-    assert!(!Path::new(&format!("/proc/{criu}")).exists() || is_zombie(criu), "the hung CRIU was not stopped");
-    record("CRIU hangs inside the freeze, then SIGTERM to cryo", &cryo, "-");
+    assert!(
+        !Path::new(&format!("/proc/{criu}")).exists() || is_zombie(criu),
+        "the hung CRIU was not stopped"
+    );
+    record(
+        "CRIU hangs inside the freeze, then SIGTERM to cryo",
+        &cryo,
+        "-",
+    );
 }
 
 fn is_zombie(pid: i32) -> bool {
@@ -318,7 +346,12 @@ fn the_freeze_deadline_ends_a_hung_criu() {
     let started = Instant::now();
     let (child, _) = hang_criu_inside_the_freeze(
         &hb,
-        &["--leave-running", "--no-page-staging", "--freeze-timeout", "3"],
+        &[
+            "--leave-running",
+            "--no-page-staging",
+            "--freeze-timeout",
+            "3",
+        ],
         &img,
     );
     let (status, err) = finish(child);
@@ -346,7 +379,11 @@ fn the_freeze_deadline_ends_a_hung_criu() {
     let _ = child.kill();
     let _ = child.wait();
     let _ = runc_outcome(&hb, &img);
-    record("CRIU hangs inside the freeze, nobody intervenes", &format!("stopped at --freeze-timeout: {cryo}"), &runc);
+    record(
+        "CRIU hangs inside the freeze, nobody intervenes",
+        &format!("stopped at --freeze-timeout: {cryo}"),
+        &runc,
+    );
 }
 
 /// A CRIU that never answers at all (a broken install): --criu-timeout bounds it.
@@ -370,12 +407,30 @@ fn a_criu_that_never_answers_times_out() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("did not answer") && err.contains("--criu-timeout"), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(30), "took {:?}", start.elapsed());
+    assert!(
+        err.contains("did not answer") && err.contains("--criu-timeout"),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
     let cryo = assert_survived(&hb, &img, false, Duration::ZERO);
-    assert!(hb.max_gap_ms() < 1000.0, "the container was frozen: gap {} ms", hb.max_gap_ms());
-    assert!(processes_mentioning(&fake.to_string_lossy()).is_empty(), "the mute CRIU was left running");
-    record("a CRIU that never answers", &format!("refused after --criu-timeout, never frozen: {cryo}"), "-");
+    assert!(
+        hb.max_gap_ms() < 1000.0,
+        "the container was frozen: gap {} ms",
+        hb.max_gap_ms()
+    );
+    assert!(
+        processes_mentioning(&fake.to_string_lossy()).is_empty(),
+        "the mute CRIU was left running"
+    );
+    record(
+        "a CRIU that never answers",
+        &format!("refused after --criu-timeout, never frozen: {cryo}"),
+        "-",
+    );
 }
 
 /// Not enough room for the image: refused before the freeze, with the path and the bytes.
@@ -388,12 +443,22 @@ fn a_full_disk_is_refused_before_the_freeze() {
     let img = disk.dir.join("img");
     let err = rt.fails(&args(&["--leave-running"], &img, &hb.id));
     assert!(
-        err.contains("not enough free space") && err.contains(&*img.to_string_lossy()) && err.contains("MiB"),
+        err.contains("not enough free space")
+            && err.contains(&*img.to_string_lossy())
+            && err.contains("MiB"),
         "{err}"
     );
     let cryo = assert_survived(&hb, &img, false, Duration::ZERO);
-    assert!(hb.max_gap_ms() < 200.0, "the container was frozen: gap {} ms", hb.max_gap_ms());
-    assert_eq!(std::fs::read_dir(&disk.dir).unwrap().count(), 0, "something was written");
+    assert!(
+        hb.max_gap_ms() < 200.0,
+        "the container was frozen: gap {} ms",
+        hb.max_gap_ms()
+    );
+    assert_eq!(
+        std::fs::read_dir(&disk.dir).unwrap().count(),
+        0,
+        "something was written"
+    );
 
     let r = Runtime::runc();
     let hb = Heartbeat::start(&r, &unique("full-runc"), MIB);
@@ -404,11 +469,23 @@ fn a_full_disk_is_refused_before_the_freeze() {
     let names_enospc = said.contains("No space left");
     let runc = format!(
         "{}, message {} the full disk; {}",
-        if out.status.success() { "succeeded" } else { "failed inside the freeze" },
-        if names_enospc { "names" } else { "does not name" },
+        if out.status.success() {
+            "succeeded"
+        } else {
+            "failed inside the freeze"
+        },
+        if names_enospc {
+            "names"
+        } else {
+            "does not name"
+        },
         runc_outcome(&hb, &img)
     );
-    record("disk too small for the image", &format!("refused before freezing: {cryo}"), &runc);
+    record(
+        "disk too small for the image",
+        &format!("refused before freezing: {cryo}"),
+        &runc,
+    );
 }
 
 /// The disk fills up while CRIU writes (inside the freeze): the error names it.
@@ -419,7 +496,10 @@ fn a_disk_filling_up_inside_the_dump() {
     let hb = Heartbeat::start(&rt, &unique("fill"), MIB);
     let _g = rt.guard(&hb.id);
     let img = disk.dir.join("img");
-    let mut child = spawn(&rt, &args(&["--leave-running", "--no-page-staging"], &img, &hb.id));
+    let mut child = spawn(
+        &rt,
+        &args(&["--leave-running", "--no-page-staging"], &img, &hb.id),
+    );
     assert!(wait_for_freeze(&hb, &mut child, QUIET, WITHIN));
     // Take what is left on the disk.
     let filler = disk.dir.join("filler");
@@ -443,7 +523,8 @@ fn a_busy_container_names_its_holder() {
     let hb = Heartbeat::start(&rt, &unique("busy"), MIB);
     let _g = rt.guard(&hb.id);
     let img = hb.bundle.dir.join("img");
-    let (child, _) = hang_criu_inside_the_freeze(&hb, &["--leave-running", "--no-page-staging"], &img);
+    let (child, _) =
+        hang_criu_inside_the_freeze(&hb, &["--leave-running", "--no-page-staging"], &img);
     let out = rt
         .cmd()
         .env("CRYO_LOCK_TIMEOUT", "1")
@@ -453,16 +534,26 @@ fn a_busy_container_names_its_holder() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     let pid = child.id().to_string();
-    assert!(err.contains("is busy") && err.contains(&pid) && err.contains("checkpoint"), "{err}");
+    assert!(
+        err.contains("is busy") && err.contains(&pid) && err.contains("checkpoint"),
+        "{err}"
+    );
     // `state` does not wait for the lock.
     let start = Instant::now();
     let _ = rt.state(&hb.id);
-    assert!(start.elapsed() < Duration::from_secs(5), "state waited for the lock");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "state waited for the lock"
+    );
     signal(child.id() as i32, Signal::SIGTERM);
     let thawed = time_to_thaw(&hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
     let _ = finish(child);
     let cryo = assert_survived(&hb, &img, false, thawed);
-    record("another verb while a checkpoint hangs", &format!("waits 1 s, names the holder (pid, command); {cryo}"), "-");
+    record(
+        "another verb while a checkpoint hangs",
+        &format!("waits 1 s, names the holder (pid, command); {cryo}"),
+        "-",
+    );
 }
 
 /// A container frozen behind cryo's back reads "paused" and can be resumed (as runc).
@@ -483,10 +574,18 @@ fn a_frozen_container_reads_paused_and_resumes() {
         rt.ok(&["resume", &hb.id]);
         assert!(hb.advancing(Duration::from_secs(5)));
         if rt.bin.ends_with("runc") {
-            record("container frozen outside the runtime", "-", &format!("state says {status}; resume works"));
+            record(
+                "container frozen outside the runtime",
+                "-",
+                &format!("state says {status}; resume works"),
+            );
         } else {
             assert_eq!(status, "paused");
-            record("container frozen outside the runtime", &format!("state says {status}; resume works"), "-");
+            record(
+                "container frozen outside the runtime",
+                &format!("state says {status}; resume works"),
+                "-",
+            );
         }
     }
 }

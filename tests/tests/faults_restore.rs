@@ -64,7 +64,10 @@ fn wait_for_restoring_criu(rt: &Runtime, id: &str, child: &mut std::process::Chi
     let journal = rt.root.join(id).join("restore-journal.json");
     let end = Instant::now() + Duration::from_secs(30);
     loop {
-        assert!(child.try_wait().unwrap().is_none(), "the restore ended before CRIU restored");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the restore ended before CRIU restored"
+        );
         assert!(Instant::now() < end, "CRIU's restore never started");
         let recorded = std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("cgroup_path"));
         if recorded {
@@ -78,7 +81,12 @@ fn wait_for_restoring_criu(rt: &Runtime, id: &str, child: &mut std::process::Chi
 
 /// `cp -a` of an image.
 fn copy_image(from: &Path, to: &Path) {
-    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -98,7 +106,11 @@ fn largest_pages(img: &Path) -> PathBuf {
 
 fn flip_byte(file: &Path, at: u64) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(file).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at).unwrap();
     b[0] ^= 0x40;
@@ -107,7 +119,12 @@ fn flip_byte(file: &Path, at: u64) {
 
 /// After a refused or undone restore of `id`: no state, no mount, no cgroup, no journal,
 /// no process; the target rootfs exactly as before.
-fn assert_nothing_left(rt: &Runtime, id: &str, rootfs: &Path, before: &std::collections::BTreeMap<String, cryo_tests::tree_digest::EntryDigest>) {
+fn assert_nothing_left(
+    rt: &Runtime,
+    id: &str,
+    rootfs: &Path,
+    before: &std::collections::BTreeMap<String, cryo_tests::tree_digest::EntryDigest>,
+) {
     let end = Instant::now() + Duration::from_secs(10);
     // A killed restore is undone by its guardian: give it the moment it needs.
     while rt.root.join(id).exists() || !processes_mentioning(id).is_empty() {
@@ -120,7 +137,11 @@ fn assert_nothing_left(rt: &Runtime, id: &str, rootfs: &Path, before: &std::coll
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(rt.fails(&["state", id]).contains("does not exist"));
-    assert!(mounts_below(&rt.root).is_empty(), "mounts left: {:?}", mounts_below(&rt.root));
+    assert!(
+        mounts_below(&rt.root).is_empty(),
+        "mounts left: {:?}",
+        mounts_below(&rt.root)
+    );
     for name in [format!(":youki:{id}"), id.to_string()] {
         cryo_tests::cgroups::assert_no_cgroup(&name);
     }
@@ -196,48 +217,98 @@ fn damaged_images_are_refused_before_anything_is_touched() {
     let good = good_image(&rt, &lower, &keep);
     type Damage = (&'static str, &'static str, fn(&Path), bool);
     let damages: Vec<Damage> = vec![
-        ("one flipped byte in the page image", "does not match its recorded", |i| {
-            let p = largest_pages(i);
-            let len = std::fs::metadata(&p).unwrap().len();
-            flip_byte(&p, len / 2);
-        }, true),
-        ("page image truncated", "bytes, the manifest recorded", |i| {
-            let p = largest_pages(i);
-            let len = std::fs::metadata(&p).unwrap().len();
-            std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len / 2).unwrap();
-        }, true),
-        ("one flipped byte in the rootfs changeset", "rootfs-diff.tar.zst", |i| {
-            let p = i.join("rootfs-diff.tar.zst");
-            let len = std::fs::metadata(&p).unwrap().len();
-            flip_byte(&p, len / 2);
-        }, false),
-        ("manifest deleted", "incomplete or damaged", |i| {
-            std::fs::remove_file(i.join("cryo-manifest.json")).unwrap();
-        }, false),
-        ("descriptors.json deleted", "descriptors.json is missing", |i| {
-            std::fs::remove_file(i.join("descriptors.json")).unwrap();
-        }, true),
-        ("a size in the manifest edited", "damaged or was edited", |i| {
-            let p = i.join("cryo-manifest.json");
-            let t = std::fs::read_to_string(&p).unwrap();
-            let at = t.find("\"size\": ").unwrap() + 8;
-            let mut t = t.into_bytes();
-            t[at] = if t[at] == b'9' { b'1' } else { t[at] + 1 };
-            std::fs::write(&p, t).unwrap();
-        }, false),
-        ("a page image of another dump beside it", "does not list", |i| {
-            std::fs::copy(largest_pages(i), i.join("pages-99.img")).unwrap();
-        }, false),
-        ("made by a newer CRIU (manifest consistent)", "restore it with CRIU >=", |i| {
-            let mut m = Manifest::read(i).unwrap().unwrap();
-            m.criu_version = 59_900;
-            m.write(i).unwrap();
-        }, false),
-        ("needs a feature this cryo lacks (manifest consistent)", "newer cryo", |i| {
-            let mut m = Manifest::read(i).unwrap().unwrap();
-            m.requires.push("quantum-pages".into());
-            m.write(i).unwrap();
-        }, false),
+        (
+            "one flipped byte in the page image",
+            "does not match its recorded",
+            |i| {
+                let p = largest_pages(i);
+                let len = std::fs::metadata(&p).unwrap().len();
+                flip_byte(&p, len / 2);
+            },
+            true,
+        ),
+        (
+            "page image truncated",
+            "bytes, the manifest recorded",
+            |i| {
+                let p = largest_pages(i);
+                let len = std::fs::metadata(&p).unwrap().len();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(len / 2)
+                    .unwrap();
+            },
+            true,
+        ),
+        (
+            "one flipped byte in the rootfs changeset",
+            "rootfs-diff.tar.zst",
+            |i| {
+                let p = i.join("rootfs-diff.tar.zst");
+                let len = std::fs::metadata(&p).unwrap().len();
+                flip_byte(&p, len / 2);
+            },
+            false,
+        ),
+        (
+            "manifest deleted",
+            "incomplete or damaged",
+            |i| {
+                std::fs::remove_file(i.join("cryo-manifest.json")).unwrap();
+            },
+            false,
+        ),
+        (
+            "descriptors.json deleted",
+            "descriptors.json is missing",
+            |i| {
+                std::fs::remove_file(i.join("descriptors.json")).unwrap();
+            },
+            true,
+        ),
+        (
+            "a size in the manifest edited",
+            "damaged or was edited",
+            |i| {
+                let p = i.join("cryo-manifest.json");
+                let t = std::fs::read_to_string(&p).unwrap();
+                let at = t.find("\"size\": ").unwrap() + 8;
+                let mut t = t.into_bytes();
+                t[at] = if t[at] == b'9' { b'1' } else { t[at] + 1 };
+                std::fs::write(&p, t).unwrap();
+            },
+            false,
+        ),
+        (
+            "a page image of another dump beside it",
+            "does not list",
+            |i| {
+                std::fs::copy(largest_pages(i), i.join("pages-99.img")).unwrap();
+            },
+            false,
+        ),
+        (
+            "made by a newer CRIU (manifest consistent)",
+            "restore it with CRIU >=",
+            |i| {
+                let mut m = Manifest::read(i).unwrap().unwrap();
+                m.criu_version = 59_900;
+                m.write(i).unwrap();
+            },
+            false,
+        ),
+        (
+            "needs a feature this cryo lacks (manifest consistent)",
+            "newer cryo",
+            |i| {
+                let mut m = Manifest::read(i).unwrap().unwrap();
+                m.requires.push("quantum-pages".into());
+                m.write(i).unwrap();
+            },
+            false,
+        ),
     ];
     for (n, (what, says, damage, runc_too)) in damages.into_iter().enumerate() {
         let img = keep.join(format!("img-{n}"));
@@ -250,7 +321,11 @@ fn damaged_images_are_refused_before_anything_is_touched() {
         let err = rt.fails(&restore_args(&b, &img, &id));
         assert!(err.contains(says), "{what}: {err}");
         assert_nothing_left(&rt, &id, &b.rootfs(), &before);
-        let runc = if runc_too { runc_on(&img, &lower) } else { "-".into() };
+        let runc = if runc_too {
+            runc_on(&img, &lower)
+        } else {
+            "-".into()
+        };
         let first_line = err.lines().next().unwrap_or("").to_string();
         let reason = first_line.rsplit(": ").next().unwrap_or("").to_string();
         record(
@@ -281,7 +356,10 @@ fn damaged_images_are_refused_before_anything_is_touched() {
 fn shorten(s: &str) -> String {
     let s = s.trim();
     if s.len() > 90 {
-        format!("{}…", &s[..s.char_indices().nth(90).map_or(s.len(), |(i, _)| i)])
+        format!(
+            "{}…",
+            &s[..s.char_indices().nth(90).map_or(s.len(), |(i, _)| i)]
+        )
     } else {
         s.to_string()
     }
@@ -311,7 +389,11 @@ fn a_killed_restore_is_undone_and_delete_never_touches_the_rootfs() {
     let _ = child.wait();
     assert_nothing_left(&rt, &id, &b.rootfs(), &before);
     rt.ok(&["delete", "--force", &id]);
-    assert_eq!(tree_digest(&b.rootfs()), before, "delete --force touched the rootfs");
+    assert_eq!(
+        tree_digest(&b.rootfs()),
+        before,
+        "delete --force touched the rootfs"
+    );
     // The id is free and the image restores.
     let _g = rt.guard(&id);
     let hb = Heartbeat {
@@ -407,7 +489,11 @@ fn a_hung_restore_times_out_or_is_interrupted_and_undone() {
         }
         let (status, err) = finish(child);
         assert!(!status.success());
-        let says = if how == "timeout" { "--criu-timeout 3s" } else { "interrupted" };
+        let says = if how == "timeout" {
+            "--criu-timeout 3s"
+        } else {
+            "interrupted"
+        };
         assert!(err.contains(says), "{how}: {err}");
         assert_nothing_left(&rt, &id, &b.rootfs(), &before);
     }

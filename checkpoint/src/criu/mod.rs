@@ -216,7 +216,10 @@ impl CriuError {
                 excerpt,
             },
             CriuError::Transport {
-                step, detail, excerpt, ..
+                step,
+                detail,
+                excerpt,
+                ..
             } => CriuError::Transport {
                 step,
                 detail,

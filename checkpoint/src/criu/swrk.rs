@@ -165,7 +165,9 @@ impl SwrkClient {
     fn simple_request(&self, req: rpc::Criu_req) -> Result<rpc::Criu_resp, CriuError> {
         let session = self.spawn(&[], false, None, PathBuf::from("(no log)"))?;
         session.send(&req)?;
-        let what = format!("{:?}", req.type_()).to_lowercase().replace('_', " ");
+        let what = format!("{:?}", req.type_())
+            .to_lowercase()
+            .replace('_', " ");
         let deadline = ProbeDeadline(super::Deadline {
             at: std::time::Instant::now() + self.probe_timeout,
             what: format!(
@@ -231,8 +233,8 @@ impl Session {
                 }
                 slice = slice.min(d.at - now);
             }
-            let ms = PollTimeout::try_from(slice.as_millis().max(1) as u32)
-                .unwrap_or(PollTimeout::MAX);
+            let ms =
+                PollTimeout::try_from(slice.as_millis().max(1) as u32).unwrap_or(PollTimeout::MAX);
             let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, ms) {
                 Ok(0) | Err(nix::errno::Errno::EINTR) => continue,

@@ -78,7 +78,14 @@ impl<'r, 'a> Dumped<'r, 'a> {
                 received_bytes: s.bytes,
                 staged_bytes: s.staged_bytes,
             }),
-            Some(Err(e)) => return Err(fail(&mut p, &mut frozen, "receiving the page images", e.into())),
+            Some(Err(e)) => {
+                return Err(fail(
+                    &mut p,
+                    &mut frozen,
+                    "receiving the page images",
+                    e.into(),
+                ))
+            }
             None => None,
         };
         let dir = p.staging.dir().to_path_buf();
@@ -93,7 +100,12 @@ impl<'r, 'a> Dumped<'r, 'a> {
             match crate::pages::compress_pages(&dir, 1, compress_threads()) {
                 Ok((names, _)) => compressed_pages = names,
                 Err(e) => {
-                    return Err(fail(&mut p, &mut frozen, "compressing the page images", DumpError::Inspect(e)))
+                    return Err(fail(
+                        &mut p,
+                        &mut frozen,
+                        "compressing the page images",
+                        DumpError::Inspect(e),
+                    ))
                 }
             }
             timings.compress_ms += ms(t.elapsed());
@@ -103,7 +115,12 @@ impl<'r, 'a> Dumped<'r, 'a> {
             // A pre-dump is only a parent for a later dump; a lazy image was published when
             // CRIU's page server became ready (both runc-style, without a manifest).
             if let Err(e) = sync_dir(&dir) {
-                return Err(fail(&mut p, &mut frozen, "syncing the image", DumpError::Inspect(e)));
+                return Err(fail(
+                    &mut p,
+                    &mut frozen,
+                    "syncing the image",
+                    DumpError::Inspect(e),
+                ));
             }
             return Ok(Complete {
                 frozen,
@@ -131,7 +148,12 @@ impl<'r, 'a> Dumped<'r, 'a> {
         };
         timings.digest_ms = ms(t_digest.elapsed());
         if let Err(e) = sync_dir(&dir) {
-            return Err(fail(&mut p, &mut frozen, "syncing the image", DumpError::Inspect(e)));
+            return Err(fail(
+                &mut p,
+                &mut frozen,
+                "syncing the image",
+                DumpError::Inspect(e),
+            ));
         }
         let config = p.req.bundle.join("config.json");
         let spec_sha256 = match manifest::sha256_file(&config) {

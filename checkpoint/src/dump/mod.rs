@@ -235,9 +235,9 @@ pub struct CheckpointError {
     pub id: String,
     /// The step.
     pub step: &'static str,
-    /// What went wrong.
+    /// What went wrong (boxed: errors travel up every step's return).
     #[source]
-    pub cause: DumpError,
+    pub cause: Box<DumpError>,
     /// What state the container was left in.
     pub left: LeftAs,
     /// CRIU's full log, when CRIU was involved and the log was kept.

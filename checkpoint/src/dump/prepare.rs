@@ -52,7 +52,7 @@ impl<'r, 'a> Prepared<'r, 'a> {
         let fail = |step: &'static str, cause: DumpError| CheckpointError {
             id: req.id.clone(),
             step,
-            cause,
+            cause: Box::new(cause),
             left: LeftAs::Untouched,
             log: None,
         };
@@ -82,8 +82,8 @@ impl<'r, 'a> Prepared<'r, 'a> {
             .map_err(|e| fail("inspecting the container", DumpError::Inspect(e)))?;
         let plan = dump_plan(&req.spec, &facts, &req.flags.common.empty_ns)
             .map_err(|e| fail("planning the dump", e.into()))?;
-        let rootfs_kind =
-            detect(req).map_err(|e| fail("inspecting the root filesystem", DumpError::Inspect(e)))?;
+        let rootfs_kind = detect(req)
+            .map_err(|e| fail("inspecting the root filesystem", DumpError::Inspect(e)))?;
         apply_plan(&mut opts, &plan, &req.spec);
         let kind = if req.flags.pre_dump {
             CallKind::PreDump
@@ -168,7 +168,12 @@ impl<'r, 'a> Prepared<'r, 'a> {
     }
 
     /// A failure of a later step, with CRIU's log kept when it would go with the image.
-    pub(super) fn fail(&self, step: &'static str, cause: DumpError, left: LeftAs) -> CheckpointError {
+    pub(super) fn fail(
+        &self,
+        step: &'static str,
+        cause: DumpError,
+        left: LeftAs,
+    ) -> CheckpointError {
         let log = self.keep_log();
         // CRIU's error names its log where CRIU wrote it; if that goes with the staging
         // directory, name the copy instead.
@@ -179,7 +184,7 @@ impl<'r, 'a> Prepared<'r, 'a> {
         CheckpointError {
             id: self.req.id.clone(),
             step,
-            cause,
+            cause: Box::new(cause),
             left,
             log,
         }
@@ -239,7 +244,11 @@ fn check_space(
         source: e.into(),
     })?;
     let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
-    let memory = if req.compress_pages { 2 * memory } else { memory };
+    let memory = if req.compress_pages {
+        2 * memory
+    } else {
+        memory
+    };
     let rootfs = upper.map(tree_bytes).unwrap_or(0) * 2;
     let needed = memory + rootfs + SPACE_MARGIN;
     if needed > free {

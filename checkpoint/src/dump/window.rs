@@ -171,7 +171,9 @@ impl Window<'_, '_, '_> {
             cgroup: freezer.path().to_path_buf(),
             was_frozen,
             // The guardian's backstop comes a little after cryo's own deadline.
-            deadline_unix_ms: Some(deadline_after(self.p.freeze_timeout + Duration::from_secs(2))),
+            deadline_unix_ms: Some(deadline_after(
+                self.p.freeze_timeout + Duration::from_secs(2),
+            )),
         };
         self.p
             .guardian
@@ -210,7 +212,8 @@ impl Window<'_, '_, '_> {
                 .map_err(|e| self.keep("publishing the image", e.into()))?;
         }
         if let Some(fd) = self.p.req.flags.status_fd {
-            signal_status_fd(fd).map_err(|e| self.keep("signalling --status-fd", DumpError::Inspect(e)))?;
+            signal_status_fd(fd)
+                .map_err(|e| self.keep("signalling --status-fd", DumpError::Inspect(e)))?;
         }
         Ok(())
     }
@@ -259,7 +262,11 @@ impl<'r, 'a> Prepared<'r, 'a> {
             return Err(self.fail(step, cause, left));
         }
         let Some(frozen) = frozen else {
-            return Err(self.fail("dumping with CRIU", DumpError::NeverFroze, LeftAs::Untouched));
+            return Err(self.fail(
+                "dumping with CRIU",
+                DumpError::NeverFroze,
+                LeftAs::Untouched,
+            ));
         };
         // CRIU found the cgroup frozen by cryo: record the state the container had (see
         // crate::cgroup_image).

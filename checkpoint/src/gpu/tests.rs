@@ -7,7 +7,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::*;
-use crate::criu::{CallObserver, CriuCall, CriuClient, CriuError, CriuOutcome, Features, AcceptAll};
+use crate::criu::{
+    AcceptAll, CallObserver, CriuCall, CriuClient, CriuError, CriuOutcome, Features,
+};
 
 const OPEN_MODULE: &str = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  (dvs-builder@U16-I2-C04-12-1)  Wed Oct  1 00:00:00 UTC 2025\nGCC version:  gcc version 12.3.0 (Ubuntu 12.3.0-1ubuntu1~22.04)\n";
 const PROPRIETARY: &str =

@@ -185,7 +185,7 @@ fn classify(dir: &Path) -> Result<Existing, PublishError> {
         n.as_str() != manifest::FILE
             && !is_side_file(n)
             && !listed.contains(n.as_str())
-            && !(legacy && looks_like_image_file(n))
+            && (!legacy || !looks_like_image_file(n))
     }) {
         return Err(PublishError::NotOurs {
             path: dir.to_path_buf(),
@@ -320,7 +320,12 @@ impl Staging {
         // The old image now sits at the staging path.
         Ok(cryo_oci::fsutil::remove_tree_same_fs(&self.dir)
             .err()
-            .map(|e| format!("the previous image could not be removed from {}: {e}", self.dir.display())))
+            .map(|e| {
+                format!(
+                    "the previous image could not be removed from {}: {e}",
+                    self.dir.display()
+                )
+            }))
     }
 
     fn publish_into_mount_point(&mut self) -> Result<(), PublishError> {
@@ -329,7 +334,10 @@ impl Staging {
         // directory holds no complete image, never a mixed one.
         if self.target.existing == Existing::Checkpoint {
             remove_file_if_present(&target.join(manifest::FILE))?;
-            for e in std::fs::read_dir(&target).map_err(io("read", &target))?.flatten() {
+            for e in std::fs::read_dir(&target)
+                .map_err(io("read", &target))?
+                .flatten()
+            {
                 let n = e.file_name();
                 if !n.to_string_lossy().starts_with(".cryo-") {
                     remove_file_if_present(&e.path())?;
@@ -376,7 +384,10 @@ fn remove_stale(home: &Path, prefix: &str) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(prefix).and_then(|p| p.parse::<i32>().ok()) else {
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {

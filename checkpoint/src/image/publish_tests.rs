@@ -34,7 +34,10 @@ fn a_new_target_appears_whole_and_private() {
     assert!(!target.exists(), "nothing at the target before publishing");
     write_image(s.dir(), "new");
     s.publish().unwrap();
-    assert_eq!(std::fs::read_to_string(target.join("inventory.img")).unwrap(), "new");
+    assert_eq!(
+        std::fs::read_to_string(target.join("inventory.img")).unwrap(),
+        "new"
+    );
     let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
     assert_eq!(listing(t.path().join("deep").as_path()), vec!["ck"]);
@@ -50,10 +53,20 @@ fn an_old_checkpoint_stays_whole_until_the_new_one_replaces_it() {
     let mut s = Staging::create(target_info).unwrap();
     write_image(s.dir(), "new");
     // Before publishing, the target is the old image, untouched.
-    assert_eq!(std::fs::read_to_string(target.join("inventory.img")).unwrap(), "old");
+    assert_eq!(
+        std::fs::read_to_string(target.join("inventory.img")).unwrap(),
+        "old"
+    );
     assert!(s.publish().unwrap().is_none());
-    assert_eq!(std::fs::read_to_string(target.join("inventory.img")).unwrap(), "new");
-    assert_eq!(listing(t.path()), vec!["ck"], "the old image and the staging dir are gone");
+    assert_eq!(
+        std::fs::read_to_string(target.join("inventory.img")).unwrap(),
+        "new"
+    );
+    assert_eq!(
+        listing(t.path()),
+        vec!["ck"],
+        "the old image and the staging dir are gone"
+    );
     assert!(crate::image::verify_image(&target).is_ok());
 }
 
@@ -82,7 +95,10 @@ fn foreign_content_is_refused_before_anything_is_written() {
     std::fs::create_dir(&user).unwrap();
     std::fs::write(user.join("notes.txt"), "mine").unwrap();
     let e = ImageTarget::inspect(&user).unwrap_err().to_string();
-    assert!(e.contains("notes.txt") && e.contains("choose another --image-path"), "{e}");
+    assert!(
+        e.contains("notes.txt") && e.contains("choose another --image-path"),
+        "{e}"
+    );
     // A runc image (no manifest).
     let runc = t.path().join("runc");
     std::fs::create_dir(&runc).unwrap();
@@ -112,8 +128,14 @@ fn a_symlinked_target_is_resolved_and_the_link_kept() {
     let mut s = Staging::create(ImageTarget::inspect(&link).unwrap()).unwrap();
     write_image(s.dir(), "new");
     s.publish().unwrap();
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
-    assert_eq!(std::fs::read_to_string(link.join("inventory.img")).unwrap(), "new");
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(link.join("inventory.img")).unwrap(),
+        "new"
+    );
 }
 
 #[test]
@@ -147,11 +169,17 @@ fn a_mount_point_target_gets_the_files_moved_in_manifest_last() {
     let result = std::panic::catch_unwind(|| {
         write_image(&target, "old");
         let mut s = Staging::create(ImageTarget::inspect(&target).unwrap()).unwrap();
-        assert!(s.dir().starts_with(&target), "staging lives inside the mount");
+        assert!(
+            s.dir().starts_with(&target),
+            "staging lives inside the mount"
+        );
         write_image(s.dir(), "new");
         assert!(!s.publish_debris().is_empty());
         s.publish().unwrap();
-        assert_eq!(std::fs::read_to_string(target.join("inventory.img")).unwrap(), "new");
+        assert_eq!(
+            std::fs::read_to_string(target.join("inventory.img")).unwrap(),
+            "new"
+        );
         assert!(crate::image::verify_image(&target).is_ok());
         assert!(!listing(&target).iter().any(|n| n.starts_with(".cryo-")));
     });

@@ -158,9 +158,10 @@ pub fn verify_image(dir: &Path) -> Result<VerifiedImage, ImageError> {
         }
         let listed: std::collections::HashSet<&str> =
             m.files.iter().map(|f| f.name.as_str()).collect();
-        if let Some(file) = names.iter().find(|n| {
-            looks_like_image_file(n) && !listed.contains(n.as_str()) && !is_side_file(n)
-        }) {
+        if let Some(file) = names
+            .iter()
+            .find(|n| looks_like_image_file(n) && !listed.contains(n.as_str()) && !is_side_file(n))
+        {
             return Err(ImageError::Unlisted {
                 dir: dir.to_path_buf(),
                 file: file.clone(),

@@ -55,7 +55,10 @@ impl JournalFile {
     /// Start a journal for `id` at `dir/restore-journal.json`, creating `dir` (0700).
     pub fn create(dir: &Path, id: &str) -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
         let f = Self {
             path: dir.join(FILE),
             journal: Journal {

@@ -15,8 +15,8 @@
 
 pub mod journal;
 mod mount;
-mod run;
 pub mod rootfs_step;
+mod run;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -177,15 +177,18 @@ pub enum RestoreCause {
 
 /// A failed restore: the step and the cause. Everything the restore made was undone.
 #[derive(Debug, thiserror::Error)]
-#[error("restore of container {id} failed while {step}{}", undo_note(undo_problems))]
+#[error(
+    "restore of container {id} failed while {step}{}",
+    undo_note(undo_problems)
+)]
 pub struct RestoreError {
     /// Container id.
     pub id: String,
     /// The step.
     pub step: &'static str,
-    /// What went wrong.
+    /// What went wrong (boxed: errors travel up every step's return).
     #[source]
-    pub cause: RestoreCause,
+    pub cause: Box<RestoreCause>,
     /// What could not be undone (empty: nothing is left).
     pub undo_problems: Vec<String>,
 }

@@ -55,7 +55,11 @@ pub fn decide(
 }
 
 /// Apply the changeset `archive` to `target` for container `tag`.
-pub fn apply(archive: &Path, target: &Path, policy: &rootfs::ApplyPolicy) -> Result<(), RootfsError> {
+pub fn apply(
+    archive: &Path,
+    target: &Path,
+    policy: &rootfs::ApplyPolicy,
+) -> Result<(), RootfsError> {
     rootfs::apply_changeset(archive, target, policy).map(|_| ())
 }
 

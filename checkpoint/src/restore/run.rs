@@ -94,11 +94,12 @@ pub fn restore<'h>(
     let fail = |step: &'static str, cause: RestoreCause| RestoreError {
         id: req.id.clone(),
         step,
-        cause,
+        cause: Box::new(cause),
         undo_problems: Vec::new(),
     };
     // 1. Nothing is touched until the image and CRIU are known good.
-    let verified = verify_image(&req.image_dir).map_err(|e| fail("verifying the image", e.into()))?;
+    let verified =
+        verify_image(&req.image_dir).map_err(|e| fail("verifying the image", e.into()))?;
     let manifest = verified.manifest.clone();
     let here = env
         .criu
@@ -135,7 +136,8 @@ pub fn restore<'h>(
             )
         })?;
     let mut opts = rpc::Criu_opts::new();
-    flags::apply_common(&mut opts, &req.flags.common).map_err(|e| fail("checking options", e.into()))?;
+    flags::apply_common(&mut opts, &req.flags.common)
+        .map_err(|e| fail("checking options", e.into()))?;
     let compressed = manifest
         .as_ref()
         .map(|m| m.compressed_pages.clone())
@@ -159,13 +161,16 @@ pub fn restore<'h>(
     };
     let plan = restore_plan(&req.spec, &facts, &stdio_keys, &req.flags.common.empty_ns)
         .map_err(|e| fail("planning the restore", e.into()))?;
-    let extra_fds = fill_opts(&mut opts, &plan, req).map_err(|e| fail("preparing", RestoreCause::Host(e)))?;
+    let extra_fds =
+        fill_opts(&mut opts, &plan, req).map_err(|e| fail("preparing", RestoreCause::Host(e)))?;
 
     // 2. From here everything made is recorded first, and undone on failure.
-    let mut guardian =
-        Guardian::start(env.guardian, env.lock).map_err(|e| fail("starting the guardian", e.into()))?;
+    let mut guardian = Guardian::start(env.guardian, env.lock)
+        .map_err(|e| fail("starting the guardian", e.into()))?;
     guardian
-        .order(&Order::Cleanup { tag: req.id.clone() })
+        .order(&Order::Cleanup {
+            tag: req.id.clone(),
+        })
         .map_err(|e| fail("starting the guardian", e.into()))?;
     let journal = JournalFile::create(&req.scratch_dir, &req.id).map_err(|source| {
         fail(
@@ -197,11 +202,7 @@ pub fn restore<'h>(
             guardian: s.guardian.take(),
         }),
         Err((step, cause)) => {
-            let problems = s
-                .journal
-                .take()
-                .map(|j| j.undo(&*host))
-                .unwrap_or_default();
+            let problems = s.journal.take().map(|j| j.undo(&*host)).unwrap_or_default();
             // Undone: the guardian has nothing left to do.
             if let Some(g) = s.guardian.take() {
                 let _ = g.dismiss();
@@ -209,7 +210,7 @@ pub fn restore<'h>(
             Err(RestoreError {
                 id: req.id.clone(),
                 step,
-                cause,
+                cause: Box::new(cause),
                 undo_problems: problems,
             })
         }
@@ -289,7 +290,9 @@ impl Steps<'_, '_, '_> {
                 .map_err(|e| ("starting CRIU's lazy-pages daemon", e.into()))?;
             if let Some(d) = &d {
                 let pid = d.pid();
-                self.record("starting CRIU's lazy-pages daemon", |j| j.lazy_daemon = Some(pid))?;
+                self.record("starting CRIU's lazy-pages daemon", |j| {
+                    j.lazy_daemon = Some(pid)
+                })?;
             }
             d
         } else {

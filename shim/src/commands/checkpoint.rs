@@ -32,7 +32,11 @@ pub fn image_dir(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
 /// After a failed checkpoint of a GPU container: bring back the CUDA state CRIU's plugin could
 /// not (CRIU killed mid-dump), unless the container is paused (the tool would wait on frozen
 /// processes); what was done joins the error.
-fn recover_gpu(plan: &gpu::GpuPlan, freezer: &dyn Freezer, e: dump::CheckpointError) -> anyhow::Error {
+fn recover_gpu(
+    plan: &gpu::GpuPlan,
+    freezer: &dyn Freezer,
+    e: dump::CheckpointError,
+) -> anyhow::Error {
     let frozen = freezer.state().map_or(true, |s| s != FreezerState::Thawed);
     let notes = if frozen {
         vec![
@@ -124,8 +128,8 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         gpu,
     };
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
-    let mut swrk = SwrkClient::new(&ctx.criu)
-        .with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
+    let mut swrk =
+        SwrkClient::new(&ctx.criu).with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
     if let Some(plan) = &req.gpu {
         swrk = plan.swrk_client(swrk);
     }

@@ -70,8 +70,13 @@ pub fn undo_half_made(ctx: &Context, id: &str) -> anyhow::Result<()> {
 /// remove it without crossing into any mount that is still there.
 pub fn remove_state_dir(dir: &Path) -> anyhow::Result<()> {
     for m in cryo_oci::fsutil::mounts_below(dir) {
-        nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH)
-            .with_context(|| format!("cannot unmount {} before removing {}", m.display(), dir.display()))?;
+        nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH).with_context(|| {
+            format!(
+                "cannot unmount {} before removing {}",
+                m.display(),
+                dir.display()
+            )
+        })?;
     }
     cryo_oci::fsutil::remove_tree_same_fs(dir)
         .with_context(|| format!("cannot remove {}", dir.display()))?;

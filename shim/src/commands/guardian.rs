@@ -48,19 +48,14 @@ impl GuardianLauncher for Launcher<'_> {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                match lock_raw {
+                let placed = match lock_raw {
                     // Already there: only its close-on-exec flag must go.
-                    Some(LOCK_FD) => {
-                        if libc::fcntl(LOCK_FD, libc::F_SETFD, 0) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Some(fd) => {
-                        if libc::dup2(fd, LOCK_FD) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    None => {}
+                    Some(LOCK_FD) => libc::fcntl(LOCK_FD, libc::F_SETFD, 0),
+                    Some(fd) => libc::dup2(fd, LOCK_FD),
+                    None => 0,
+                };
+                if placed < 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
                 for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
                     libc::signal(sig, libc::SIG_IGN);

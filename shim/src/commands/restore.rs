@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use cryo_checkpoint::criu::{swrk::SwrkClient, CriuClient};
+use cryo_checkpoint::flags::CommonFlags;
 use cryo_checkpoint::gpu;
 use cryo_checkpoint::manifest::Manifest;
-use cryo_checkpoint::flags::CommonFlags;
 use cryo_checkpoint::restore::journal::CgroupUndo;
 use cryo_checkpoint::restore::{self, RestoreEnv, RestoreFlags, RestoreHost, RestoreRequest};
 use cryo_checkpoint::signals::InterruptGuard;
@@ -50,7 +50,10 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     let image_dir = image_dir(a.image_path.as_deref())?;
     // An image with CUDA state, or a GPU bundle, that this machine cannot restore is refused
     // here, before anything is created, with every reason.
-    let image_gpu = Manifest::read(&image_dir).ok().flatten().and_then(|m| m.gpu);
+    let image_gpu = Manifest::read(&image_dir)
+        .ok()
+        .flatten()
+        .and_then(|m| m.gpu);
     let gpu = gpu::restore_preflight(&bundle.spec, image_gpu.as_ref(), &image_dir, &ctx.gpu)
         .with_context(|| format!("cannot restore container {id}"))?;
     let work_dir = a.work_path.clone().unwrap_or_else(|| image_dir.clone());
@@ -108,8 +111,8 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         a.manage_cgroups_mode.as_deref(),
     );
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
-    let mut swrk = SwrkClient::new(&ctx.criu)
-        .with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
+    let mut swrk =
+        SwrkClient::new(&ctx.criu).with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
     if let Some(plan) = &gpu {
         swrk = plan.swrk_client(swrk);
     }
@@ -166,7 +169,9 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     if let Err(e) = saved {
         drop(pending);
         let _ = super::cleanup::remove_state_dir(&container_dir);
-        return Err(e.context(format!("restored {id}, but recording its state failed; the restore was undone")));
+        return Err(e.context(format!(
+            "restored {id}, but recording its state failed; the restore was undone"
+        )));
     }
     let report = pending.commit();
     drop(interrupts);
