@@ -154,7 +154,6 @@ pub fn dir_identity(path: &Path) -> Option<DirIdentity> {
     })
 }
 
-
 /// Host cgroup mount points under /sys/fs/cgroup (v1 controllers and the v2 mount).
 /// Host cgroup mount points at or below /sys/fs/cgroup: v1 controllers and the cgroup2 mount
 /// (`/sys/fs/cgroup/unified` on a hybrid host, `/sys/fs/cgroup` itself on a pure v2 one).
