@@ -326,10 +326,11 @@ fn restore_rootfs(
             );
         }
     }
-    let policy = rootfs::ApplyPolicy {
-        allowed_devices: m.rootfs.device_nodes.clone(),
-    };
-    rootfs::apply_changeset(&req.image_dir.join(snapshot), &req.rootfs, &policy)
+    // Until the engine keeps the transaction open across CRIU: applied and kept at once.
+    let policy = rootfs::ApplyPolicy::for_spec(&req.spec).with_legacy_sparse(true);
+    let undo = rootfs::UndoLocation::default();
+    rootfs::apply_changeset(&req.image_dir.join(snapshot), &req.rootfs, &policy, &undo)
+        .and_then(rootfs::AppliedChangeset::commit)
         .map_err(|e| e.to_string())?;
     check(true, "rootfs snapshot applied".into())
 }
@@ -354,9 +355,10 @@ fn restore_devshm(req: &RestoreRequest, manifest: Option<&Manifest>) -> Result<(
     rootfs::apply_changeset(
         &req.image_dir.join(file),
         &target,
-        &rootfs::ApplyPolicy::default(),
+        &rootfs::ApplyPolicy::no_devices().with_legacy_sparse(true),
+        &rootfs::UndoLocation::default(),
     )
-    .map(|_| ())
+    .and_then(rootfs::AppliedChangeset::commit)
     .map_err(|e| e.to_string())
 }
 

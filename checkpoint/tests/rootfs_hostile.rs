@@ -8,7 +8,9 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use cryo_checkpoint::rootfs::{apply_changeset, compress_zstd, ApplyPolicy, RootfsError};
+use cryo_checkpoint::rootfs::{
+    apply_changeset, compress_zstd, ApplyPolicy, DeviceKind, DeviceNode, RootfsError, UndoLocation,
+};
 use cryo_tests::tree_digest::{diff_trees, tree_digest};
 use tar::{EntryType, Header};
 
@@ -29,7 +31,9 @@ struct E {
     ty: EntryType,
     link: Option<&'static str>,
     data: Vec<u8>,
-    pax: Vec<(&'static str, &'static [u8])>,
+    pax: Vec<(String, Vec<u8>)>,
+    /// Device numbers of a char or block entry.
+    device: Option<(u32, u32)>,
 }
 
 fn e(name: &str, ty: EntryType) -> E {
@@ -40,6 +44,7 @@ fn e(name: &str, ty: EntryType) -> E {
         link: None,
         data: Vec::new(),
         pax: Vec::new(),
+        device: None,
     }
 }
 
@@ -62,7 +67,8 @@ fn archive(path: &Path, entries: &[E]) {
     let mut b = tar::Builder::new(fs::File::create(path).unwrap());
     for x in entries {
         if !x.pax.is_empty() {
-            b.append_pax_extensions(x.pax.iter().copied()).unwrap();
+            let recs = x.pax.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+            b.append_pax_extensions(recs).unwrap();
         }
         if x.name.len() > 100 {
             let mut l = Header::new_gnu();
@@ -91,6 +97,10 @@ fn archive(path: &Path, entries: &[E]) {
         }
         if let Some(l) = x.link {
             h.set_link_name(l).unwrap();
+        }
+        if let Some((major, minor)) = x.device {
+            h.set_device_major(major).unwrap();
+            h.set_device_minor(minor).unwrap();
         }
         h.set_cksum();
         b.append(&h, &x.data[..]).unwrap();
@@ -140,7 +150,9 @@ fn refused(entries: Vec<E>, entry: &str, why: &str) {
 
 fn refused_archive(t: &Target, a: &Path, policy: &ApplyPolicy, entry: &str, why: &str) {
     let before = tree_digest(&t.root);
-    let err = apply_changeset(a, &t.root, policy).unwrap_err();
+    let err = apply_changeset(a, &t.root, policy, &UndoLocation::default())
+        .err()
+        .expect("refused");
     let msg = err.to_string();
     assert!(matches!(err, RootfsError::Refused { .. }), "{msg}");
     assert!(
@@ -228,16 +240,58 @@ mod rootfs {
         );
     }
 
+    /// A block device like the host's first disk, or a char device the spec does not list,
+    /// is refused whatever the image says; one the spec lists is made.
     #[test]
-    fn device_nodes_not_recorded_at_checkpoint_are_refused() {
+    fn device_nodes_the_runtime_would_not_create_are_refused() {
         require_root();
         let t = target();
         let a = t.dir.join("a.tar");
-        archive(&a, &[e("dev/sda", EntryType::Block)]);
-        let policy = ApplyPolicy {
-            allowed_devices: vec!["dev/null".into()],
-        };
-        refused_archive(&t, &a, &policy, "dev/sda", "device node not recorded");
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]}
+        }))
+        .unwrap();
+        let policy = ApplyPolicy::for_spec(&spec);
+        let mut sda = e("dev/sda", EntryType::Block);
+        sda.device = Some((8, 0));
+        archive(&a, &[sda]);
+        refused_archive(
+            &t,
+            &a,
+            &policy,
+            "dev/sda",
+            "b 8:0 is not one the runtime creates",
+        );
+        let mut mem = e("dev/mem", EntryType::Char);
+        mem.device = Some((1, 1));
+        archive(&a, &[file("harmless", b"x"), mem]);
+        refused_archive(
+            &t,
+            &a,
+            &policy,
+            "dev/mem",
+            "c 1:1 is not one the runtime creates",
+        );
+        // The same numbers as a char device the spec lists, but a block device.
+        let mut fuse_b = e("dev/fuse", EntryType::Block);
+        fuse_b.device = Some((10, 229));
+        archive(&a, &[fuse_b]);
+        refused_archive(&t, &a, &policy, "dev/fuse", "b 10:229");
+        let mut fuse = e("dev/fuse", EntryType::Char);
+        fuse.device = Some((10, 229));
+        archive(&a, &[fuse]);
+        apply_changeset(&a, &t.root, &policy, &UndoLocation::default())
+            .unwrap()
+            .commit()
+            .unwrap();
+        let st = fs::symlink_metadata(t.root.join("dev/fuse")).unwrap();
+        assert_eq!(st.rdev(), nix::sys::stat::makedev(10, 229));
+        assert!(ApplyPolicy::for_spec(&spec).allows(&DeviceNode {
+            kind: DeviceKind::Char,
+            major: 10,
+            minor: 229
+        }));
     }
 
     #[test]
@@ -252,7 +306,7 @@ mod rootfs {
         nul.name = format!("{}\0/etc/passwd", "n".repeat(110)).into_bytes();
         refused(vec![nul], "nnn", "NUL byte");
         let mut opaque = e("d", EntryType::Directory);
-        opaque.pax = vec![("SCHILY.xattr.trusted.overlay.opaque", b"y")];
+        opaque.pax = vec![("SCHILY.xattr.trusted.overlay.opaque".into(), b"y".to_vec())];
         refused(vec![opaque], "d", "overlay-private xattr");
         refused(vec![file("d/.wh...", b"")], "d/.wh...", "invalid name");
         let mut blank = file("blank", b"x");
@@ -299,7 +353,15 @@ mod rootfs {
                 link("h", EntryType::Link, "etc/keep"),
             ],
         );
-        apply_changeset(&a, &t.root, &ApplyPolicy::default()).unwrap();
+        apply_changeset(
+            &a,
+            &t.root,
+            &ApplyPolicy::default(),
+            &UndoLocation::default(),
+        )
+        .unwrap()
+        .commit()
+        .unwrap();
         assert_eq!(fs::read(t.root.join("etc/cryo-new")).unwrap(), b"inside");
         assert!(
             !Path::new("/etc/cryo-new").exists(),
