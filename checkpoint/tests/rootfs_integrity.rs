@@ -13,8 +13,8 @@ use std::process::Command;
 
 use common::{build_lower, change, require_root, Mounts};
 use cryo_checkpoint::rootfs::{
-    apply_changeset, capture_upper, compress_zstd, ApplyPolicy, CaptureOptions, RootfsError,
-    UndoLocation,
+    apply_changeset, capture_upper, compress_zstd, verify_changeset, ApplyPolicy, CaptureOptions,
+    ChangesetSizes, RootfsError, UndoLocation,
 };
 use cryo_tests::tree_digest::{diff_trees, tree_digest};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -25,6 +25,7 @@ struct Fixture {
     lower: PathBuf,
     raw: PathBuf,
     zst: PathBuf,
+    sizes: ChangesetSizes,
 }
 
 fn fixture() -> Fixture {
@@ -40,7 +41,7 @@ fn fixture() -> Fixture {
     let (upper, merged) = mounts.overlay(&base, &lower, 0);
     change(&merged);
     let raw = base.join("rootfs-diff.tar");
-    capture_upper(&upper, &raw, &CaptureOptions::default()).unwrap();
+    let rep = capture_upper(&upper, &raw, &CaptureOptions::default()).unwrap();
     let zst = base.join("rootfs-diff.tar.zst");
     compress_zstd(&raw, &zst, 3, 2).unwrap();
     Fixture {
@@ -49,6 +50,7 @@ fn fixture() -> Fixture {
         lower,
         raw,
         zst,
+        sizes: rep.sizes(),
     }
 }
 
@@ -144,7 +146,13 @@ mod rootfs {
         b.extend_from_slice(b"junk");
         fs::write(&bad, &b).unwrap();
         refused(&bad, &target, "data after the end-of-archive", "raw junk");
-        // The intact one applies.
+        // The intact one verifies (without a target), declaring exactly what the capture
+        // counted, and applies.
+        let summary = verify_changeset(&fx.zst, &policy().with_declared_sizes(fx.sizes)).unwrap();
+        assert_eq!(summary.sizes, fx.sizes);
+        assert!(fx.sizes.logical_bytes > common::GIB, "{:?}", fx.sizes);
+        let e = verify_changeset(&bad, &policy()).err().unwrap();
+        assert!(matches!(e, RootfsError::Refused { .. }), "{e}");
         apply_changeset(&fx.zst, &target, &policy(), &UndoLocation::default())
             .unwrap()
             .commit()
