@@ -33,13 +33,14 @@ use tar::{Archive, Entry, EntryType};
 use super::codec::{ChangesetStream, Counting, Tally};
 use super::meta::{check_symlink_target, checked_components, Meta};
 use super::policy::{DeviceKind, DeviceNode, LEGACY_SPARSE_MAX_BYTES};
+use super::rollback::{rollback_error, AppliedChangeset};
 use super::safe::{
     dir_flags, fd_path, key, kind, list_dir, lstat_at, open_dir_in_root, open_real_path, open_root,
     owned, MakeDir,
 };
 use super::seam::{FsOpKind, FsSeam, NoFaults};
 use super::sparse::sparse_map;
-use super::undo::{ask, rollback_error, AppliedChangeset, At, DirAt, OpError, Undo, UndoLocation};
+use super::undo::{ask, At, DirAt, OpError, Undo, UndoLocation};
 use super::validate::{validate, Plan, Target};
 use super::{io_err, ApplyPolicy, Result, RootfsError, OPAQUE_MARKER, WHITEOUT_PREFIX};
 use crate::prefault::WRITE_CHUNK;

@@ -60,6 +60,7 @@ mod detect;
 mod journal;
 mod meta;
 mod policy;
+mod rollback;
 mod safe;
 mod seam;
 mod sparse;
@@ -78,11 +79,11 @@ pub use policy::{
     ApplyPolicy, ChangesetSizes, DeviceKind, DeviceNode, LEGACY_SPARSE_MAX_BYTES,
     RUNTIME_DEFAULT_DEVICES,
 };
-pub use seam::{FsOp, FsOpKind, FsSeam, NoFaults};
-pub use undo::{
+pub use rollback::{
     rollback_pending, rollback_pending_with, AppliedChangeset, RollbackOutcome, RollbackReport,
-    UndoLocation,
 };
+pub use seam::{FsOp, FsOpKind, FsSeam, NoFaults};
+pub use undo::UndoLocation;
 pub use validate::{verify_changeset, ChangesetSummary};
 pub use verify::{collect_open_files, verify_open_files, OpenFile};
 

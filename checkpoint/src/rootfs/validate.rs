@@ -236,7 +236,7 @@ impl Validator<'_> {
             }
             let mut gone = parent_parts.to_vec();
             gone.push(OsStr::from_bytes(victim).to_os_string());
-            self.cost_of_replacing(parent.as_ref(), &gone)?;
+            self.cost_of_replacing(parent.as_ref(), &gone, false)?;
             self.record(&gone, Made::Deleted);
             return Ok(());
         }
@@ -290,9 +290,7 @@ impl Validator<'_> {
         };
         let parent = self.walk_parents(&parts)?;
         Meta::of(entry)?;
-        if made != Made::Dir {
-            self.cost_of_replacing(parent.as_ref(), &parts)?;
-        }
+        self.cost_of_replacing(parent.as_ref(), &parts, made == Made::Dir)?;
         if !matches!(ty, EntryType::Link) {
             self.plan.summary.needed_inodes += 1;
         }
@@ -448,6 +446,7 @@ impl Validator<'_> {
         &mut self,
         parent: Option<&InRoot>,
         parts: &[OsString],
+        keeps_a_dir: bool,
     ) -> Result<(), String> {
         let (Some(fs), Some(parent)) = (&self.fs, parent) else {
             return Ok(());
@@ -456,8 +455,15 @@ impl Validator<'_> {
             return Ok(());
         }
         let leaf = parts.last().ok_or("empty path")?;
-        let bytes =
-            allocated(parent.dir()?, leaf).map_err(|e| format!("measure {}: {e}", show(parts)))?;
+        let dir = parent.dir()?;
+        if keeps_a_dir {
+            // A directory entry over a directory keeps it: nothing moves.
+            let st = lstat_at(dir, leaf).map_err(|e| format!("stat {}: {e}", show(parts)))?;
+            if st.is_some_and(|st| kind(&st) == SFlag::S_IFDIR) {
+                return Ok(());
+            }
+        }
+        let bytes = allocated(dir, leaf).map_err(|e| format!("measure {}: {e}", show(parts)))?;
         self.plan.summary.needed_bytes = self.plan.summary.needed_bytes.saturating_add(bytes);
         Ok(())
     }
