@@ -229,6 +229,10 @@ fn dry_run(fx: &Fixture, kind: Kind) -> (Digest, usize) {
     assert!(rep.moved_aside > 0, "{rep:?}");
     if kind == Kind::Overlay {
         assert!(
+            rep.copied_aside > 0,
+            "lower files must be copied aside: {rep:?}"
+        );
+        assert!(
             rep.taken_apart > 0,
             "lower directories must be taken apart (EXDEV): {rep:?}"
         );

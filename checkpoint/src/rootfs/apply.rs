@@ -56,6 +56,8 @@ pub struct ApplyReport {
     pub deleted: u64,
     /// Existing entries moved into the undo directory (replaced or removed ones).
     pub moved_aside: u64,
+    /// Existing regular files copied into the undo directory instead (on an overlay).
+    pub copied_aside: u64,
     /// Directories that could not be moved (an overlay's lower directories) and were taken
     /// apart into the undo directory instead.
     pub taken_apart: u64,
@@ -152,6 +154,7 @@ pub fn apply_changeset_with(
     match res {
         Ok(()) => {
             report.moved_aside = tx.moved_aside;
+            report.copied_aside = tx.copied_aside;
             report.taken_apart = tx.taken_apart;
             report.elapsed = start.elapsed();
             Ok(AppliedChangeset::new(tx, report, target_root))

@@ -181,6 +181,10 @@ pub(crate) enum Record {
         saved: String,
         times: Option<Times>,
     },
+    /// The regular file at `path` was copied to `saved` in the undo directory (complete, with
+    /// its metadata) and is unlinked: undoing it renames the copy over whatever is there (the
+    /// original, if the process ended before the unlink).
+    CopiedAside { path: RelPath, saved: String },
     /// Something is made at `path`, where nothing is.
     Created { path: RelPath },
     /// The directory at `path`, emptied (its entries moved aside one by one: renaming it

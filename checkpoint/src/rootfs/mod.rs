@@ -56,6 +56,7 @@
 mod apply;
 mod capture;
 mod codec;
+mod copy;
 mod detect;
 mod journal;
 mod meta;

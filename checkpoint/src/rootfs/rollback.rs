@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat2, RenameFlags};
+use nix::fcntl::{openat, renameat, renameat2, RenameFlags};
 use nix::sys::stat::{fchmod, futimens, mkdirat, utimensat, Mode, SFlag, UtimensatFlags};
 use nix::unistd::{fchown, unlinkat, Gid, Uid, UnlinkatFlags};
 
@@ -159,6 +159,36 @@ fn undo_one(
                 .at("set the times of", &shown)?;
             }
             Ok(())
+        }
+        Record::CopiedAside { path, saved } => {
+            let saved = OsStr::new(saved);
+            let shown = path.shown();
+            if lstat_at(undo, saved)
+                .at("stat the saved copy of", &shown)?
+                .is_none()
+            {
+                return Ok(()); // already back
+            }
+            let (parents, leaf) = path.split().ok_or_else(|| OpError {
+                step: "put back",
+                path: shown.clone(),
+                source: std::io::Error::other("empty path in the journal"),
+            })?;
+            let parent = open_real_path(root, parents)
+                .at("open the parent of", &shown)?
+                .ok_or_else(|| OpError {
+                    step: "put back",
+                    path: shown.clone(),
+                    source: std::io::Error::other("its parent directory is missing"),
+                })?;
+            ask(seam, FsOpKind::Rename, &shown)?;
+            renameat(
+                Some(undo.as_raw_fd()),
+                saved,
+                Some(parent.as_raw_fd()),
+                leaf,
+            )
+            .at("put back", &shown)
         }
         Record::DirTimes { path, times } => {
             let shown = path.shown();

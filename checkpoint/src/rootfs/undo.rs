@@ -5,7 +5,8 @@
 //! (0600, see `journal`). Every change is journaled first, then made:
 //!
 //! - an existing entry the changeset replaces or removes is *moved aside*: renamed into the
-//!   undo directory. A directory that cannot be renamed (a lower directory of an overlay
+//!   undo directory (on an overlay, a regular file is copied there instead, then unlinked:
+//!   renaming a lower file would make the kernel copy it up and fsync it). A directory that cannot be renamed (a lower directory of an overlay
 //!   without `redirect_dir`: `EXDEV`) is taken apart instead: its entries are moved aside one
 //!   by one (recursively), its own metadata is journaled, and the emptied directory removed;
 //! - what is made where nothing was is journaled for removal;
@@ -28,9 +29,10 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, OFlag};
-use nix::sys::stat::{fstat, mkdirat, Mode, SFlag};
+use nix::sys::stat::{fstat, mkdirat, FileStat, Mode, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
+use super::copy::copy_file;
 use super::journal::{Bytes, DirState, Journal, Record, RelPath, Times, JOURNAL};
 use super::rollback::{finish_commit, roll_back, RollbackReport};
 use super::safe::{dir_flags, kind, list_dir, lstat_at, owned, remove_any};
@@ -169,7 +171,10 @@ pub(crate) struct Undo {
     described: HashSet<Vec<OsString>>,
     /// Directories the apply made (removed whole by a rollback).
     fresh: HashSet<Vec<OsString>>,
+    /// The target is an overlay: see [`Undo::move_aside`].
+    overlay: bool,
     pub(crate) moved_aside: u64,
+    pub(crate) copied_aside: u64,
     pub(crate) taken_apart: u64,
 }
 
@@ -183,6 +188,10 @@ impl Undo {
         let name = loc.name().to_os_string();
         let shown = name.to_string_lossy().into_owned();
         let times = Times::of(&fstat(root.as_raw_fd()).at("stat", "/")?);
+        let overlay = nix::sys::statfs::fstatfs(&root)
+            .at("statfs", "/")?
+            .filesystem_type()
+            == nix::sys::statfs::OVERLAYFS_SUPER_MAGIC;
         ask(&*seam, FsOpKind::Mkdir, &shown)?;
         mkdirat(
             Some(root.as_raw_fd()),
@@ -222,7 +231,9 @@ impl Undo {
             timed: HashSet::new(),
             described: HashSet::new(),
             fresh: HashSet::new(),
+            overlay,
             moved_aside: 0,
+            copied_aside: 0,
             taken_apart: 0,
         };
         if let Err(e) = u.record(&Record::begin(times)) {
@@ -339,6 +350,9 @@ impl Undo {
         };
         self.note_times(parent)?;
         let saved = self.next("s");
+        if self.overlay && kind(&st) == SFlag::S_IFREG && st.st_nlink == 1 {
+            return self.copy_aside(parent, name, &st, saved).map(|()| true);
+        }
         let is_dir = kind(&st) == SFlag::S_IFDIR;
         self.record(&Record::MovedAside {
             path,
@@ -365,6 +379,42 @@ impl Undo {
             }
             Err(e) => Err(e).at("move aside", &shown),
         }
+    }
+
+    /// Keep a copy of the regular file `name` in the undo directory, then unlink it. On an
+    /// overlay, renaming a lower file copies it up and fsyncs the copy: copying it ourselves,
+    /// unsynced (the undo data only has to outlive the process, not the machine), costs far
+    /// less. A file with other links is renamed instead, so the links stay one inode.
+    fn copy_aside(
+        &mut self,
+        parent: DirAt<'_>,
+        name: &OsStr,
+        st: &FileStat,
+        saved: OsString,
+    ) -> std::result::Result<(), OpError> {
+        let path = parent.child(name);
+        let shown = path.shown();
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let src = File::from(owned(
+            openat(Some(parent.fd.as_raw_fd()), name, flags, Mode::empty()).at("open", &shown)?,
+        ));
+        let copy_shown = self.shown(&saved);
+        let copy = self.create_private(&saved, &copy_shown)?;
+        copy_file(&src, st, &copy, &*self.seam, &copy_shown)?;
+        // Journaled once complete: undoing it puts the copy in the file's place.
+        self.record(&Record::CopiedAside {
+            path,
+            saved: saved.to_string_lossy().into_owned(),
+        })?;
+        ask(&*self.seam, FsOpKind::Remove, &shown)?;
+        unlinkat(
+            Some(parent.fd.as_raw_fd()),
+            name,
+            UnlinkatFlags::NoRemoveDir,
+        )
+        .at("remove", &shown)?;
+        self.copied_aside += 1;
+        Ok(())
     }
 
     /// Move a directory's entries aside one by one, then remove it (see the module docs).
@@ -401,17 +451,23 @@ impl Undo {
     pub(crate) fn temp_file(&mut self) -> std::result::Result<(File, OsString), OpError> {
         let name = self.next("t");
         let shown = self.shown(&name);
-        ask(&*self.seam, FsOpKind::Create, &shown)?;
+        let f = self.create_private(&name, &shown)?;
+        Ok((f, name))
+    }
+
+    /// Create `name` (0600) in the undo directory.
+    fn create_private(&self, name: &OsStr, shown: &str) -> std::result::Result<File, OpError> {
+        ask(&*self.seam, FsOpKind::Create, shown)?;
         let flags =
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let fd = openat(
             Some(self.dir.as_raw_fd()),
-            name.as_os_str(),
+            name,
             flags,
             Mode::from_bits_truncate(0o600),
         )
-        .at("create", &shown)?;
-        Ok((File::from(owned(fd)), name))
+        .at("create", shown)?;
+        Ok(File::from(owned(fd)))
     }
 
     /// Rename temporary file `temp` to `name` in `parent` (journaled with
