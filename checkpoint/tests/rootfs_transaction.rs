@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex};
 
 use common::{build_lower, change, require_root, Mounts};
 use cryo_checkpoint::rootfs::{
-    apply_changeset, apply_changeset_with, capture_upper, compress_zstd, rollback_pending,
-    rollback_pending_with, ApplyPolicy, CaptureOptions, FsOp, FsOpKind, FsSeam, RollbackOutcome,
-    RootfsError, UndoLocation,
+    apply_changeset, apply_changeset_with, capture_upper, commit_pending, commit_pending_with,
+    compress_zstd, rollback_pending, rollback_pending_with, ApplyPolicy, CaptureOptions, FsOp,
+    FsOpKind, FsSeam, RollbackOutcome, RootfsError, UndoLocation,
 };
 use cryo_tests::tree_digest::{diff_trees, tree_digest, EntryDigest};
 
@@ -405,6 +405,42 @@ mod rootfs {
                 assert!(done.contains(&rep.outcome), "{what}: {rep:?}");
                 assert_tree(&after, &t.root, &what);
             }
+        }
+    }
+
+    /// An apply left pending is committed by path (as another process would), and a
+    /// commit_pending killed at any of its operations is finished by the next one.
+    #[test]
+    fn a_pending_apply_is_committed_by_path() {
+        let fx = fixture();
+        let undo = UndoLocation::default();
+        let t = fx.target(Kind::Overlay, 0);
+        apply_changeset(&fx.archive, &t.root, &fx.policy, &undo)
+            .unwrap()
+            .leave_pending();
+        let seam = Faults::new(Fault::Kill);
+        let outcome = commit_pending_with(&t.root, &undo, seam.clone()).unwrap();
+        assert_eq!(outcome, RollbackOutcome::CommitFinished);
+        let after = tree_digest(&t.root);
+        assert!(diff_trees(&fx.changed, &after).is_empty());
+        assert_eq!(
+            commit_pending(&t.root, &undo).unwrap(),
+            RollbackOutcome::NothingPending
+        );
+        let ops = seam.count();
+        for m in 0..ops {
+            let t = fx.target(Kind::Overlay, m + 1);
+            apply_changeset(&fx.archive, &t.root, &fx.policy, &undo)
+                .unwrap()
+                .leave_pending();
+            let seam = Faults::armed(Fault::Kill, m);
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                commit_pending_with(&t.root, &undo, seam.clone())
+            }));
+            let what = format!("commit_pending killed at operation {m} ({})", seam.op(m));
+            assert!(matches!(r, Err(ref p) if p.is::<Killed>()), "{what}");
+            commit_pending(&t.root, &undo).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_tree(&after, &t.root, &what);
         }
     }
 

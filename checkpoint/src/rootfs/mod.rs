@@ -48,7 +48,8 @@
 //! never let a symlink lead a write out of the root, as a transaction: every change is
 //! journaled in an undo directory inside the target root ([`UndoLocation`], see `undo`)
 //! before it is made. A failure midway puts the target back as it was; success returns an
-//! [`AppliedChangeset`] the caller commits once the restore succeeded, or rolls back. After
+//! [`AppliedChangeset`] the caller commits once the restore succeeded, or rolls back (or
+//! leaves pending, to decide by path with [`commit_pending`] / [`rollback_pending`]). After
 //! a crash, [`rollback_pending`] finishes the job from the journal alone.
 //! [`verify_open_files`] then checks the files the checkpointed processes hold open
 //! ([`collect_open_files`]) are there with their size.
@@ -81,7 +82,8 @@ pub use policy::{
     RUNTIME_DEFAULT_DEVICES,
 };
 pub use rollback::{
-    rollback_pending, rollback_pending_with, AppliedChangeset, RollbackOutcome, RollbackReport,
+    commit_pending, commit_pending_with, rollback_pending, rollback_pending_with, AppliedChangeset,
+    RollbackOutcome, RollbackReport,
 };
 pub use seam::{FsOp, FsOpKind, FsSeam, NoFaults};
 pub use undo::UndoLocation;

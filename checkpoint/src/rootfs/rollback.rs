@@ -33,7 +33,7 @@ pub struct RollbackReport {
     pub elapsed: Duration,
 }
 
-/// What [`rollback_pending`] found.
+/// What [`rollback_pending`] (or [`commit_pending`]) found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RollbackOutcome {
     /// No undo data: nothing to do.
@@ -425,53 +425,145 @@ pub fn rollback_pending_with(
     seam: Arc<dyn FsSeam>,
 ) -> Result<RollbackReport> {
     let start = Instant::now();
-    let root = open_root(target_root).map_err(io_err("open target root", target_root))?;
-    let undo_path = target_root.join(loc.name());
-    let not_ours = |reason: &str| RootfsError::NotUndoDir {
-        path: undo_path.clone(),
-        reason: reason.into(),
+    let report = |outcome, undone| RollbackReport {
+        outcome,
+        undone,
+        elapsed: start.elapsed(),
     };
-    let Some(st) = lstat_at(&root, loc.name()).map_err(|e| io_err("stat", &undo_path)(e.into()))?
-    else {
-        return Ok(RollbackReport {
-            outcome: RollbackOutcome::NothingPending,
-            undone: 0,
-            elapsed: start.elapsed(),
-        });
+    let Some(p) = Pending::open(target_root, loc)? else {
+        return Ok(report(RollbackOutcome::NothingPending, 0));
     };
-    if kind(&st) != SFlag::S_IFDIR {
-        return Err(not_ours("it is not a directory"));
-    }
-    if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_mode & 0o077 != 0 {
-        return Err(not_ours("cryo makes it 0700, owned by the user it runs as"));
-    }
-    let dir = openat(
-        Some(root.as_raw_fd()),
-        loc.name(),
-        dir_flags(),
-        Mode::empty(),
-    )
-    .map_err(|e| io_err("open", &undo_path)(e.into()))?;
-    let dir = owned(dir);
-    let mut journal = match Journal::open(&dir) {
-        Ok(j) => j,
-        Err(OpenError::Busy) => return Err(RootfsError::UndoBusy { undo: undo_path }),
-        Err(OpenError::Io(e)) => return Err(io_err("open the journal in", &undo_path)(e)),
-        Err(OpenError::Missing) => {
-            // Made but not yet journaled, or a commit's last step: nothing to undo.
-            let names = list_dir(&dir).map_err(io_err("list", &undo_path))?;
-            if !names.is_empty() {
-                return Err(not_ours("it holds files but no journal"));
-            }
-            remove_undo_dir(&root, &dir, loc.name(), &*seam)
-                .map_err(|e| rollback_error(target_root, &undo_path, e))?;
-            return Ok(RollbackReport {
-                outcome: RollbackOutcome::EmptyRemoved,
-                undone: 0,
-                elapsed: start.elapsed(),
-            });
+    let fail = |e| rollback_error(target_root, &p.undo_path, e);
+    match p.journal {
+        None => {
+            remove_undo_dir(&p.root, &p.dir, loc.name(), &*seam).map_err(fail)?;
+            Ok(report(RollbackOutcome::EmptyRemoved, 0))
         }
+        Some(mut journal) => {
+            roll_back(&p.root, &p.dir, loc.name(), &mut journal, &*seam).map_err(fail)
+        }
+    }
+}
+
+/// Keep the changes of an apply left pending ([`AppliedChangeset::leave_pending`], or a
+/// process that ended after the apply): journal the commit and remove the undo data. Finishes
+/// a begun commit; does nothing when no undo data is there (`NothingPending`). The same
+/// refusals as [`rollback_pending`].
+pub fn commit_pending(target_root: &Path, loc: &UndoLocation) -> Result<RollbackOutcome> {
+    commit_pending_with(target_root, loc, Arc::new(NoFaults))
+}
+
+/// [`commit_pending`] with a test seam.
+pub fn commit_pending_with(
+    target_root: &Path,
+    loc: &UndoLocation,
+    seam: Arc<dyn FsSeam>,
+) -> Result<RollbackOutcome> {
+    let Some(p) = Pending::open(target_root, loc)? else {
+        return Ok(RollbackOutcome::NothingPending);
     };
-    roll_back(&root, &dir, loc.name(), &mut journal, &*seam)
-        .map_err(|e| rollback_error(target_root, &undo_path, e))
+    let fail = |e: OpError, outcome: String| RootfsError::Commit {
+        target: target_root.to_path_buf(),
+        step: e.step,
+        path: e.path,
+        source: e.source,
+        outcome,
+    };
+    let Some(mut journal) = p.journal else {
+        remove_undo_dir(&p.root, &p.dir, loc.name(), &*seam)
+            .map_err(|e| fail(e, "the undo directory held nothing".into()))?;
+        return Ok(RollbackOutcome::EmptyRemoved);
+    };
+    let jshown = format!("{}/{JOURNAL}", loc.name().to_string_lossy());
+    let not_yet = |e: OpError| {
+        fail(
+            e,
+            "nothing was committed: the changes are still pending (commit or roll back again)"
+                .into(),
+        )
+    };
+    let records = journal.read().map_err(|r| {
+        not_yet(OpError {
+            step: "read the undo journal",
+            path: jshown.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, r),
+        })
+    })?;
+    if !records.iter().any(|(_, r)| *r == Record::Commit) {
+        ask(&*seam, FsOpKind::Journal, &jshown).map_err(not_yet)?;
+        journal
+            .append(&Record::Commit)
+            .at("write the undo journal", &jshown)
+            .map_err(not_yet)?;
+    }
+    finish_commit(&p.root, &p.dir, loc.name(), &*seam).map_err(|e| {
+        fail(
+            e,
+            format!(
+                "the changes are kept; the undo data left in {} goes at the next commit_pending \
+                 or rollback_pending (neither undoes a commit)",
+                p.undo_path.display()
+            ),
+        )
+    })?;
+    Ok(RollbackOutcome::CommitFinished)
+}
+
+/// Undo data found at a target root, checked to be cryo's, its journal locked.
+struct Pending {
+    root: OwnedFd,
+    dir: OwnedFd,
+    undo_path: PathBuf,
+    /// `None`: an empty undo directory (made but not journaled, or a commit's last step).
+    journal: Option<Journal>,
+}
+
+impl Pending {
+    fn open(target_root: &Path, loc: &UndoLocation) -> Result<Option<Pending>> {
+        let root = open_root(target_root).map_err(io_err("open target root", target_root))?;
+        let undo_path = target_root.join(loc.name());
+        let not_ours = |reason: &str| RootfsError::NotUndoDir {
+            path: undo_path.clone(),
+            reason: reason.into(),
+        };
+        let Some(st) =
+            lstat_at(&root, loc.name()).map_err(|e| io_err("stat", &undo_path)(e.into()))?
+        else {
+            return Ok(None);
+        };
+        if kind(&st) != SFlag::S_IFDIR {
+            return Err(not_ours("it is not a directory"));
+        }
+        if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_mode & 0o077 != 0 {
+            return Err(not_ours("cryo makes it 0700, owned by the user it runs as"));
+        }
+        let dir = openat(
+            Some(root.as_raw_fd()),
+            loc.name(),
+            dir_flags(),
+            Mode::empty(),
+        )
+        .map_err(|e| io_err("open", &undo_path)(e.into()))?;
+        let dir = owned(dir);
+        let journal = match Journal::open(&dir) {
+            Ok(j) => Some(j),
+            Err(OpenError::Busy) => return Err(RootfsError::UndoBusy { undo: undo_path }),
+            Err(OpenError::Io(e)) => return Err(io_err("open the journal in", &undo_path)(e)),
+            Err(OpenError::Missing) => {
+                if !list_dir(&dir)
+                    .map_err(io_err("list", &undo_path))?
+                    .is_empty()
+                {
+                    return Err(not_ours("it holds files but no journal"));
+                }
+                None
+            }
+        };
+        Ok(Some(Pending {
+            root,
+            dir,
+            undo_path,
+            journal,
+        }))
+    }
 }
