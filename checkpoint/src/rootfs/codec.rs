@@ -129,9 +129,9 @@ impl Read for ChangesetStream {
     }
 }
 
-/// Open a changeset for reading, raw tar or zstd-compressed tar alike (see
-/// [`ChangesetStream`]; this reader stops where the caller stops: finish-checks are the
-/// apply's).
+/// Open a changeset for reading, raw tar or zstd-compressed tar alike (a zstd one must carry
+/// its frame checksum, which is checked when the frame's end is read: a caller that stops at
+/// the tar's end-of-archive has not checked it; the validation and the apply read to the end).
 pub fn open_changeset(path: &Path) -> Result<Box<dyn Read + Send>> {
     let f = File::open(path).map_err(io_err("open", path))?;
     Ok(Box::new(ChangesetStream::new(f, path)?))
