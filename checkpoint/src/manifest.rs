@@ -98,6 +98,10 @@ pub struct RootfsRecord {
     /// Uncompressed bytes.
     #[serde(default)]
     pub bytes: u64,
+    /// Sum of the captured regular files' sizes, holes included: a restore refuses a
+    /// changeset that declares more (or more data than `bytes`). Absent in older images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_bytes: Option<u64>,
 }
 
 /// A regular file some process held open at checkpoint: it must exist with this size at restore.
@@ -329,6 +333,7 @@ pub(crate) mod tests {
                 device_nodes: vec![],
                 entries: 0,
                 bytes: 0,
+                logical_bytes: None,
             },
             devshm: None,
             open_files: vec![],

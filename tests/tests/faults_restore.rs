@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use cryo_checkpoint::manifest::Manifest;
 use cryo_tests::bundle::busybox_rootfs;
+use cryo_tests::fanotify::OpenTrap;
 use cryo_tests::faults::{
     criu_child, finish, heartbeat_bin, mounts_below, processes_mentioning, record, signal, spawn,
     Heartbeat,
@@ -446,6 +447,72 @@ fn a_killed_restore_is_undone_and_delete_never_touches_the_rootfs() {
         "SIGKILL restore inside CRIU, then delete -f",
         "undone by the guardian; rootfs identical; nothing left; the id restores again",
         &runc,
+    );
+    let _ = std::fs::remove_dir_all(&keep);
+}
+
+/// A restore killed while it applies the changeset to the target rootfs (the moment: cryo
+/// opens a data file in the apply's undo directory, held there by an open trap): the guardian
+/// rolls the apply back from its journal; the target is as it was and the image restores.
+#[test]
+fn a_restore_killed_inside_the_rootfs_apply_leaves_the_rootfs_as_it_was() {
+    let rt = Runtime::cryo();
+    let lower = Lower::new();
+    let keep = tempfile_dir("kill-apply");
+    let img = good_image(&rt, &lower, &keep);
+    let b = lower.bundle();
+    let before = tree_digest(&b.rootfs());
+    let id = unique("killed-apply");
+    let mut child = spawn(&rt, &restore_args(&b, &img, &id));
+    let victim = child.id() as i32;
+    let trap = OpenTrap::on_mount(
+        &b.rootfs(),
+        |p: &Path| {
+            let in_undo = p
+                .parent()
+                .and_then(|d| d.file_name())
+                .is_some_and(|n| n == ".cryo-rootfs-undo");
+            in_undo && p.file_name().is_some_and(|n| n != "journal")
+        },
+        move |_| signal(victim, Signal::SIGKILL),
+    );
+    let _ = child.wait();
+    let fired = trap.finish();
+    assert!(
+        fired.is_some(),
+        "the restore never wrote into the apply's undo directory: case not reached"
+    );
+    assert_nothing_left(&rt, &id, &b.rootfs(), &before);
+    assert!(
+        !b.rootfs().join(".cryo-rootfs-undo").exists(),
+        "undo data left in the target"
+    );
+    rt.ok(&["delete", "--force", &id]);
+    assert_eq!(
+        tree_digest(&b.rootfs()),
+        before,
+        "delete --force touched the rootfs"
+    );
+    // The id is free and the image restores, with the checkpointed file changes.
+    let _g = rt.guard(&id);
+    let hb = Heartbeat {
+        rt: rt.clone(),
+        lines: rt.spawn_with_pipe(&restore_args(&b, &img, &id)),
+        bundle: b,
+        id: id.clone(),
+    };
+    assert!(hb.advancing(Duration::from_secs(10)));
+    assert_eq!(
+        std::fs::read_to_string(hb.bundle.rootfs().join("root/newfile")).unwrap(),
+        "new\n"
+    );
+    assert!(!hb.bundle.rootfs().join("bin/vi").exists());
+    assert!(!hb.bundle.rootfs().join(".cryo-rootfs-undo").exists());
+    drop(hb);
+    record(
+        "SIGKILL restore inside the rootfs apply",
+        "rolled back by the guardian from the apply's journal; rootfs identical; the id restores again",
+        "no such step: runc does not restore the container's files",
     );
     let _ = std::fs::remove_dir_all(&keep);
 }

@@ -183,6 +183,11 @@ impl<'r, 'a> Dumped<'r, 'a> {
         if gpu.is_some() {
             requires.push(manifest::REQ_CUDA.to_string());
         }
+        if record.snapshot.is_some() || devshm.is_some() {
+            // Sparse files are PAX 1.0 entries, which a reader of format 1 would take for
+            // plain files with a map in front.
+            requires.push(manifest::REQ_PAX_SPARSE.to_string());
+        }
         timings.total_ms = ms(p.started.elapsed());
         timings.after_thaw_ms = t_thaw.map_or(0.0, |t| ms(t.elapsed()));
         let manifest = Manifest {

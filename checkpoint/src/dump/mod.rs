@@ -165,7 +165,8 @@ pub enum DumpError {
     Plan(#[from] PlanError),
     /// The rootfs capture.
     #[error(transparent)]
-    Rootfs(#[from] RootfsError),
+    // Boxed: the rootfs errors carry paths and outcomes, and every step returns this.
+    Rootfs(#[from] Box<RootfsError>),
     /// cryo's page receiver (its own write errors come before CRIU's broken pipe).
     #[error(transparent)]
     Pages(#[from] ReceiveError),
@@ -278,4 +279,10 @@ fn compress_threads() -> u32 {
     std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1)
+}
+
+impl From<RootfsError> for DumpError {
+    fn from(e: RootfsError) -> Self {
+        DumpError::Rootfs(Box::new(e))
+    }
 }

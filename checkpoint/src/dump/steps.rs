@@ -82,6 +82,7 @@ pub(super) fn rootfs_record(kind: &Option<RootfsKind>, mode: SnapshotMode) -> Ro
         device_nodes: Vec::new(),
         entries: 0,
         bytes: 0,
+        logical_bytes: None,
     };
     match kind {
         Some(RootfsKind::Overlay { upper_dir, .. }) => {

@@ -311,6 +311,7 @@ impl<'r, 'a> Prepared<'r, 'a> {
                         record.device_nodes = report.device_nodes.clone();
                         record.entries = report.entries;
                         record.bytes = report.bytes;
+                        record.logical_bytes = Some(report.logical_bytes);
                     }
                     Err(e) => {
                         let left = self.undo_freeze(Some(frozen));

@@ -171,7 +171,7 @@ fn undo(j: &Journal, cgroups: &dyn CgroupUndo) -> Vec<String> {
         }
     }
     if let Some(root) = &j.rootfs {
-        if let Err(e) = super::rootfs_step::rollback(root, &j.id) {
+        if let Err(e) = super::rootfs_step::rollback(root) {
             problems.push(format!("rolling back the rootfs {}: {e}", root.display()));
         }
     }

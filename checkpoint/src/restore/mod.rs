@@ -144,7 +144,8 @@ pub enum RestoreCause {
     Plan(#[from] PlanError),
     /// The rootfs changeset or the open files.
     #[error(transparent)]
-    Rootfs(#[from] RootfsError),
+    // Boxed: the rootfs errors carry paths and outcomes, and every step returns this.
+    Rootfs(#[from] Box<RootfsError>),
     /// The guardian.
     #[error(transparent)]
     Guardian(#[from] GuardianError),
@@ -214,4 +215,10 @@ fn lazy_daemon_of(pid: i32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| c.split(|b| *b == 0).any(|a| a == b"lazy-pages"))
         .unwrap_or(false)
+}
+
+impl From<RootfsError> for RestoreCause {
+    fn from(e: RootfsError) -> Self {
+        RestoreCause::Rootfs(Box::new(e))
+    }
 }

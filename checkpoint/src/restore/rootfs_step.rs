@@ -13,8 +13,8 @@
 use std::path::Path;
 
 use crate::facts::DirIdentity;
-use crate::manifest::Manifest;
-use crate::rootfs::{self, RootfsError};
+use crate::manifest::{Manifest, FORMAT_V1};
+use crate::rootfs::{self, RootfsError, UndoLocation};
 
 /// What the step decided and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,19 +54,44 @@ pub fn decide(
     }
 }
 
-/// Apply the changeset `archive` to `target` for container `tag`.
+/// The policy a restore applies `m`'s changeset under for a container with `spec`: device
+/// nodes only as the spec's runtime makes them, no more data than the capture recorded, and
+/// old-GNU sparse entries only in format-1 images (which wrote them).
+pub fn policy(m: &Manifest, spec: &oci_spec::runtime::Spec) -> rootfs::ApplyPolicy {
+    let mut p = rootfs::ApplyPolicy::for_spec(spec).with_legacy_sparse(m.format == FORMAT_V1);
+    if let Some(logical_bytes) = m.rootfs.logical_bytes {
+        p = p.with_declared_sizes(rootfs::ChangesetSizes {
+            data_bytes: m.rootfs.bytes,
+            logical_bytes,
+        });
+    }
+    p
+}
+
+/// Apply the changeset `archive` to `target` and leave it pending: the changes stand, with
+/// their undo data in `target`, until [`commit`] keeps them or [`rollback`] undoes them —
+/// from this process or, if it is killed, from the next verb that reads the restore journal.
+/// A failed apply has already put `target` back as it was.
 pub fn apply(
     archive: &Path,
     target: &Path,
     policy: &rootfs::ApplyPolicy,
-) -> Result<(), RootfsError> {
-    rootfs::apply_changeset(archive, target, policy).map(|_| ())
+) -> Result<rootfs::ApplyReport, RootfsError> {
+    let applied = rootfs::apply_changeset(archive, target, policy, &UndoLocation::default())?;
+    let report = applied.report().clone();
+    applied.leave_pending();
+    Ok(report)
 }
 
-/// Undo an applied (or half-applied) changeset on `target` for container `tag`.
-pub fn rollback(target: &Path, tag: &str) -> Result<(), RootfsError> {
-    let _ = (target, tag);
-    Ok(())
+/// Keep the changes of a pending apply on `target` (finishes a begun commit).
+pub fn commit(target: &Path) -> Result<(), RootfsError> {
+    rootfs::commit_pending(target, &UndoLocation::default()).map(|_| ())
+}
+
+/// Undo a pending (or half-made) apply on `target`; nothing to do when none is pending, and
+/// a begun commit is finished instead (never half undone).
+pub fn rollback(target: &Path) -> Result<(), RootfsError> {
+    rootfs::rollback_pending(target, &UndoLocation::default()).map(|_| ())
 }
 
 /// Check that every file the checkpointed processes held open is in `target` with its size.

@@ -40,6 +40,20 @@ impl PendingRestore<'_> {
             daemon.detach();
         }
         let id = self.id.clone();
+        if let Some(target) = self
+            .journal
+            .as_ref()
+            .and_then(|j| j.journal().rootfs.clone())
+        {
+            // Kept before the journal goes: killed in between, the next verb finds the
+            // commit done (or finishes it) and undoes nothing of the rootfs.
+            if let Err(e) = rootfs_step::commit(&target) {
+                self.report.warnings.push(format!(
+                    "keeping the applied rootfs changes in {}: {e}",
+                    target.display()
+                ));
+            }
+        }
         if let Some(j) = self.journal.take() {
             if let Err(e) = j.remove() {
                 self.report
@@ -399,9 +413,7 @@ impl Steps<'_, '_, '_> {
                 None => {
                     let snapshot = m.rootfs.snapshot.clone().unwrap_or_default();
                     self.record(STEP, |j| j.rootfs = Some(req.rootfs.clone()))?;
-                    let policy = rootfs::ApplyPolicy {
-                        allowed_devices: m.rootfs.device_nodes.clone(),
-                    };
+                    let policy = rootfs_step::policy(&m, &req.spec);
                     rootfs_step::apply(&req.image_dir.join(snapshot), &req.rootfs, &policy)
                         .map_err(|e| (STEP, e.into()))?;
                     (true, "rootfs snapshot applied".to_string())
@@ -434,12 +446,19 @@ impl Steps<'_, '_, '_> {
             return Ok(());
         }
         self.record(STEP, |j| j.devshm = Some(target.clone()))?;
+        // The directory was empty: the journal's undo empties it again, so the apply's own
+        // transaction can end here.
+        let legacy = self
+            .manifest
+            .as_ref()
+            .is_some_and(|m| m.format == crate::manifest::FORMAT_V1);
         rootfs::apply_changeset(
             &req.image_dir.join(file),
             &target,
-            &rootfs::ApplyPolicy::default(),
+            &rootfs::ApplyPolicy::no_devices().with_legacy_sparse(legacy),
+            &rootfs::UndoLocation::default(),
         )
-        .map(|_| ())
+        .and_then(rootfs::AppliedChangeset::commit)
         .map_err(|e| (STEP, e.into()))
     }
 }
