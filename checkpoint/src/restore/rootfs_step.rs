@@ -46,7 +46,13 @@ pub fn decide(
     let Ok(rootfs::RootfsKind::Overlay { upper_dir, .. }) = rootfs::detect_rootfs(target) else {
         return None;
     };
-    match (m.rootfs.upper_fingerprint, identity(&upper_dir)) {
+    same_upper(m.rootfs.upper_fingerprint, identity(&upper_dir))
+}
+
+/// The sameness rule: the target's upper dir is the captured one only when both identities
+/// are known, conclusive (birth time or generation beside device and inode) and equal.
+fn same_upper(recorded: Option<DirIdentity>, now: Option<DirIdentity>) -> Option<String> {
+    match (recorded, now) {
         (Some(recorded), Some(now)) if recorded.is_conclusive() && recorded == now => {
             Some("restoring in place: the rootfs is the very upper dir that was captured".into())
         }
@@ -106,4 +112,64 @@ pub fn verify_open_files(m: &Manifest, target: &Path) -> Result<(), RootfsError>
         })
         .collect();
     rootfs::verify_open_files(target, &files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(ino: u64, btime: Option<(i64, u32)>, generation: Option<u64>) -> DirIdentity {
+        DirIdentity {
+            dev: 65024,
+            ino,
+            btime,
+            generation,
+        }
+    }
+
+    /// Issue 18: the new container's upper dir got the old one's (st_dev, st_ino); it is a
+    /// different directory, and the changeset must be applied.
+    #[test]
+    fn a_reused_inode_number_is_not_the_captured_upper_dir() {
+        let captured = id(901308, Some((1_796_000_000, 5)), Some(7));
+        let reused = id(901308, Some((1_796_000_042, 9)), Some(8));
+        assert_eq!(same_upper(Some(captured), Some(reused)), None);
+        let only_btime_differs = id(901308, Some((1_796_000_042, 9)), Some(7));
+        assert_eq!(same_upper(Some(captured), Some(only_btime_differs)), None);
+    }
+
+    #[test]
+    fn only_a_conclusive_equal_identity_skips_the_changeset() {
+        let captured = id(901308, Some((1_796_000_000, 5)), Some(7));
+        assert!(same_upper(Some(captured), Some(captured)).is_some());
+        // (dev, ino) alone proves nothing, even when equal.
+        let bare = id(901308, None, None);
+        assert_eq!(same_upper(Some(bare), Some(bare)), None);
+        // Unknown on either side: apply.
+        assert_eq!(same_upper(None, Some(captured)), None);
+        assert_eq!(same_upper(Some(captured), None), None);
+    }
+
+    #[test]
+    fn a_checkpoint_that_left_the_container_running_is_always_applied() {
+        let mut m = crate::manifest::tests::sample();
+        m.rootfs.snapshot = Some(rootfs::RAW_CHANGESET.into());
+        m.leave_running = true;
+        let captured = id(1, Some((1, 1)), Some(1));
+        m.rootfs.upper_fingerprint = Some(captured);
+        let decision = decide(&m, Path::new("/nonexistent"), false, &|_| Some(captured));
+        assert_eq!(decision, None);
+    }
+
+    #[test]
+    fn no_snapshot_or_the_flag_skips_with_the_reason() {
+        let mut m = crate::manifest::tests::sample();
+        m.rootfs.snapshot = None;
+        m.rootfs.skipped_because = Some("plain directory".into());
+        let why = decide(&m, Path::new("/nonexistent"), false, &|_| None).unwrap();
+        assert!(why.contains("plain directory"), "{why}");
+        m.rootfs.snapshot = Some(rootfs::RAW_CHANGESET.into());
+        let why = decide(&m, Path::new("/nonexistent"), true, &|_| None).unwrap();
+        assert!(why.contains("--no-rootfs-restore"), "{why}");
+    }
 }
