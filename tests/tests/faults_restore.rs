@@ -301,6 +301,12 @@ fn damaged_images_are_refused_before_anything_is_touched() {
             false,
         ),
         (
+            "changeset with the host's disk as a 0666 block device (manifest consistent)",
+            "is not one the runtime creates",
+            |i| hostile_changeset(i),
+            false,
+        ),
+        (
             "needs a feature this cryo lacks (manifest consistent)",
             "newer cryo",
             |i| {
@@ -364,6 +370,43 @@ fn shorten(s: &str) -> String {
     } else {
         s.to_string()
     }
+}
+
+/// Replace the image's changeset by one that makes /dev/sda (block 8:0, 0666) and reseal the
+/// manifest around it, listing the node as the old format trusted it: an edited image that is
+/// consistent in itself. Only the target spec decides which device nodes may be made.
+fn hostile_changeset(img: &Path) {
+    use cryo_checkpoint::rootfs::{capture_upper, compress_zstd, CaptureOptions};
+    let src = img.join("hostile-src");
+    std::fs::create_dir_all(src.join("dev")).unwrap();
+    nix::sys::stat::mknod(
+        &src.join("dev/sda"),
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(8, 0),
+    )
+    .unwrap();
+    let raw = img.join("hostile.tar");
+    let rep = capture_upper(&src, &raw, &CaptureOptions::default()).unwrap();
+    let zst = img.join("rootfs-diff.tar.zst");
+    compress_zstd(&raw, &zst, 3, 1).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    std::fs::remove_dir_all(&src).unwrap();
+    let (size, blake3) = cryo_checkpoint::image::digest::digest_file(&zst).unwrap();
+    let mut m = Manifest::read(img).unwrap().unwrap();
+    for f in m
+        .files
+        .iter_mut()
+        .filter(|f| f.name == "rootfs-diff.tar.zst")
+    {
+        f.size = size;
+        f.blake3 = blake3.clone();
+    }
+    m.rootfs.device_nodes = rep.device_nodes;
+    m.rootfs.entries = rep.entries;
+    m.rootfs.bytes = rep.bytes;
+    m.rootfs.logical_bytes = Some(rep.logical_bytes);
+    m.write(img).unwrap();
 }
 
 fn tempfile_dir(tag: &str) -> PathBuf {
