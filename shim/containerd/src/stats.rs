@@ -36,22 +36,27 @@ pub enum StatsError {
 /// cryo places with the others; v2: the unified one).
 pub fn cgroup_of(pid: i32) -> Option<PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    cgroup_in(&text)
+    let unified = matches!(get_cgroup_setup(), Ok(CgroupSetup::Unified));
+    cgroup_in(&text, unified)
 }
 
-fn cgroup_in(proc_cgroup: &str) -> Option<PathBuf> {
-    let mut unified = None;
-    for line in proc_cgroup.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        if controllers.split(',').any(|c| c == "memory") {
-            return Some(PathBuf::from(path));
+/// On a unified host the `0::` line names the cgroup even where v1 hierarchies still list the
+/// process (they may exist unmounted below a cgroup2 `/sys/fs/cgroup`).
+fn cgroup_in(proc_cgroup: &str, unified: bool) -> Option<PathBuf> {
+    let lines = cryo_cgroup::discovery::parse_proc_cgroup(proc_cgroup);
+    let wanted = |l: &&cryo_cgroup::discovery::ProcCgroupLine| {
+        if unified {
+            l.hierarchy == 0 && l.controllers.is_empty()
+        } else {
+            l.controllers.iter().any(|c| c == "memory")
         }
-        if controllers.is_empty() {
-            unified = Some(PathBuf::from(path));
-        }
-    }
-    unified
+    };
+    let line = lines.iter().find(wanted).or_else(|| {
+        lines
+            .iter()
+            .find(|l| l.hierarchy == 0 && l.controllers.is_empty())
+    })?;
+    Some(PathBuf::from(&line.path))
 }
 
 /// The metrics of the cgroup at `path`, as the `Any` containerd decodes.
@@ -66,11 +71,21 @@ pub fn metrics(path: &Path) -> Result<Any, StatsError> {
         container_name: String::new(),
     })
     .map_err(|e| read_error(e.to_string()))?;
-    let stats = manager.stats().map_err(|e| read_error(e.to_string()))?;
     let unified = matches!(get_cgroup_setup(), Ok(CgroupSetup::Unified));
     let message: Box<dyn MessageDyn> = if unified {
-        Box::new(to_v2(&stats))
+        let dir = Path::new(V2_ROOT).join(path.strip_prefix("/").unwrap_or(path));
+        let offered = Offered::in_cgroup(&dir);
+        // libcgroups reads every controller's files and fails on the first one missing; a
+        // cgroup need not have them all (a delegated slice may enable no memory or pids
+        // controller), and containerd's runc shim then reports what there is.
+        let stats = if offered.all() {
+            manager.stats().map_err(|e| read_error(e.to_string()))?
+        } else {
+            offered_stats(&dir, &offered).map_err(read_error)?
+        };
+        Box::new(to_v2(&stats, &offered))
     } else {
+        let stats = manager.stats().map_err(|e| read_error(e.to_string()))?;
         Box::new(to_v1(&stats, clock_ticks_per_second()))
     };
     let mut any = Any::new();
@@ -79,6 +94,84 @@ pub fn metrics(path: &Path) -> Result<Any, StatsError> {
         .write_to_bytes_dyn()
         .map_err(|e| read_error(format!("encode: {e}")))?;
     Ok(any)
+}
+
+const V2_ROOT: &str = "/sys/fs/cgroup";
+
+/// The controllers whose files a cgroup2 cgroup has (cpu.stat is there in every one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offered {
+    memory: bool,
+    pids: bool,
+    io: bool,
+    hugetlb: bool,
+}
+
+impl Offered {
+    fn in_cgroup(dir: &Path) -> Self {
+        Self::from_list(
+            &std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default(),
+        )
+    }
+
+    /// From a `cgroup.controllers` line ("cpuset cpu io memory pids").
+    pub fn from_list(list: &str) -> Self {
+        let has = |name: &str| list.split_whitespace().any(|c| c == name);
+        Self {
+            memory: has("memory"),
+            pids: has("pids"),
+            io: has("io"),
+            hugetlb: has("hugetlb"),
+        }
+    }
+
+    fn all(&self) -> bool {
+        self.memory && self.pids && self.io && self.hugetlb
+    }
+}
+
+/// The stats of the controllers the cgroup has: cpu.stat always, memory and pids when offered.
+fn offered_stats(dir: &Path, offered: &Offered) -> Result<Stats, String> {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .map_err(|e| format!("{}: {e}", dir.join(name).display()))
+    };
+    let keyed = |name: &str| -> Result<HashMap<String, u64>, String> {
+        Ok(read(name)?
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect())
+    };
+    let value = |name: &str| -> Result<u64, String> {
+        let text = read(name)?;
+        match text.trim() {
+            "max" => Ok(u64::MAX),
+            v => v
+                .parse()
+                .map_err(|e| format!("{}: {e}", dir.join(name).display())),
+        }
+    };
+    let mut stats = Stats::default();
+    let cpu = keyed("cpu.stat")?;
+    let get = |k: &str| cpu.get(k).copied().unwrap_or(0);
+    stats.cpu.usage.usage_total = get("usage_usec");
+    stats.cpu.usage.usage_user = get("user_usec");
+    stats.cpu.usage.usage_kernel = get("system_usec");
+    stats.cpu.throttling.periods = get("nr_periods");
+    stats.cpu.throttling.throttled_periods = get("nr_throttled");
+    stats.cpu.throttling.throttled_time = get("throttled_usec");
+    if offered.pids {
+        stats.pids = libcgroups::stats::pid_stats(dir).map_err(|e| e.to_string())?;
+    }
+    if offered.memory {
+        stats.memory.memory.usage = value("memory.current")?;
+        stats.memory.memory.limit = value("memory.max")?;
+        stats.memory.stats = keyed("memory.stat")?;
+    }
+    Ok(stats)
 }
 
 fn clock_ticks_per_second() -> u64 {
@@ -212,13 +305,14 @@ pub fn to_v1(stats: &Stats, ticks_per_second: u64) -> v1::Metrics {
     }
 }
 
-/// cgroup v2 metrics (libcgroups reads cpu.stat's microseconds into the usage fields).
-pub fn to_v2(stats: &Stats) -> v2::Metrics {
+/// cgroup v2 metrics (libcgroups reads cpu.stat's microseconds into the usage fields); the
+/// controllers the cgroup lacks are left out, as containerd's runc shim leaves them.
+pub fn to_v2(stats: &Stats, offered: &Offered) -> v2::Metrics {
     let usage = &stats.cpu.usage;
     let throttling = &stats.cpu.throttling;
     let m: &HashMap<String, u64> = &stats.memory.stats;
     let get = |key: &str| m.get(key).copied().unwrap_or(0);
-    v2::Metrics {
+    let mut metrics = v2::Metrics {
         pids: MessageField::some(v2::PidsStat {
             current: stats.pids.current,
             limit: stats.pids.limit,
@@ -261,7 +355,14 @@ pub fn to_v2(stats: &Stats) -> v2::Metrics {
             ..Default::default()
         }),
         ..Default::default()
+    };
+    if !offered.pids {
+        metrics.pids = MessageField::none();
     }
+    if !offered.memory {
+        metrics.memory = MessageField::none();
+    }
+    metrics
 }
 
 #[cfg(test)]
@@ -271,10 +372,17 @@ mod tests {
     #[test]
     fn the_memory_controllers_path_is_the_containers() {
         let hybrid = "12:pids:/default/c1\n5:memory:/default/c1\n1:name=systemd:/\n0::/\n";
-        assert_eq!(cgroup_in(hybrid), Some(PathBuf::from("/default/c1")));
+        assert_eq!(cgroup_in(hybrid, false), Some(PathBuf::from("/default/c1")));
         let unified = "0::/default/c2\n";
-        assert_eq!(cgroup_in(unified), Some(PathBuf::from("/default/c2")));
-        assert_eq!(cgroup_in(""), None);
+        assert_eq!(cgroup_in(unified, true), Some(PathBuf::from("/default/c2")));
+        assert_eq!(
+            cgroup_in(unified, false),
+            Some(PathBuf::from("/default/c2"))
+        );
+        assert_eq!(cgroup_in("", true), None);
+        // A unified /sys/fs/cgroup above v1 hierarchies that still list the process.
+        let both = "5:memory:/pure-v2.1\n0::/default/c3\n";
+        assert_eq!(cgroup_in(both, true), Some(PathBuf::from("/default/c3")));
     }
 
     #[test]
@@ -323,7 +431,10 @@ mod tests {
         stats.memory.memory.usage = 4096;
         stats.memory.memory.limit = 8192;
         stats.memory.stats.insert("anon".into(), 100);
-        let m = to_v2(&stats);
+        let m = to_v2(
+            &stats,
+            &Offered::from_list("cpuset cpu io memory hugetlb pids"),
+        );
         assert_eq!(m.cpu.usage_usec, 7730);
         assert_eq!(m.memory.usage, 4096);
         assert_eq!(m.memory.usage_limit, 8192);
@@ -332,5 +443,34 @@ mod tests {
             m.descriptor_dyn().full_name(),
             "io.containerd.cgroups.v2.Metrics"
         );
+    }
+
+    #[test]
+    fn v2_metrics_leave_out_the_controllers_a_cgroup_lacks() {
+        let offered = Offered::from_list("cpu io\n");
+        assert!(!offered.all());
+        let mut stats = Stats::default();
+        stats.cpu.usage.usage_total = 12;
+        let m = to_v2(&stats, &offered);
+        assert_eq!(m.cpu.usage_usec, 12);
+        assert!(m.memory.is_none() && m.pids.is_none());
+    }
+
+    #[test]
+    fn a_cgroup_without_memory_or_pids_still_reports_its_cpu() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("cpu.stat"),
+            "usage_usec 900\nuser_usec 600\nsystem_usec 300\nnr_periods 0\n",
+        )
+        .expect("cpu.stat");
+        let stats = offered_stats(dir.path(), &Offered::from_list("")).expect("stats");
+        assert_eq!(
+            (stats.cpu.usage.usage_total, stats.cpu.usage.usage_user),
+            (900, 600)
+        );
+        // memory offered but its files missing: an error naming the file, not zeros.
+        let err = offered_stats(dir.path(), &Offered::from_list("memory")).unwrap_err();
+        assert!(err.contains("memory.current"), "{err}");
     }
 }
