@@ -28,8 +28,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 /// How long CRIU may take to end by itself once cryo is gone before it is killed: it notices
-/// at its next message to cryo and then cures the tasks, which is better than a kill.
-const CRIU_GRACE: Duration = Duration::from_millis(300);
+/// at its next message to cryo and then cures the tasks. A kill is worse than a wait: killed
+/// while its code is in a task, CRIU leaves that task to die of SIGTRAP.
+const CRIU_GRACE: Duration = Duration::from_secs(1);
 /// How long a killed CRIU may take to disappear (it detaches from the tasks as it dies).
 const CRIU_KILL_WAIT: Duration = Duration::from_secs(5);
 
@@ -305,11 +306,13 @@ impl Duties {
     fn stop_criu(&mut self, host: &dyn GuardianHost) {
         let Some(criu) = self.criu.take() else { return };
         let Some(pidfd) = criu.pidfd else { return };
+        // A stopped CRIU cannot end by itself.
+        let _ = pidfd_signal(&pidfd, libc::SIGCONT);
         if wait_pidfd(&pidfd, CRIU_GRACE) {
             return;
         }
         host.log(&format!("stopping CRIU (pid {})", criu.pid));
-        let _ = pidfd_kill(&pidfd);
+        let _ = pidfd_signal(&pidfd, libc::SIGKILL);
         if !wait_pidfd(&pidfd, CRIU_KILL_WAIT) {
             host.log(&format!(
                 "CRIU (pid {}) did not end within {CRIU_KILL_WAIT:?} of SIGKILL",
@@ -383,13 +386,13 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn pidfd_kill(pidfd: &OwnedFd) -> std::io::Result<()> {
+fn pidfd_signal(pidfd: &OwnedFd, signal: libc::c_int) -> std::io::Result<()> {
     // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo and no flags.
     let r = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             pidfd.as_raw_fd(),
-            libc::SIGKILL,
+            signal,
             std::ptr::null::<libc::siginfo_t>(),
             0,
         )

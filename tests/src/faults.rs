@@ -191,6 +191,47 @@ pub fn wait_for_freeze(
     false
 }
 
+/// What holds the workload of `hb`, for a failure message: its process state and tracer,
+/// its cgroups' freezer files, and the processes that mention its id.
+pub fn diagnose(hb: &Heartbeat) -> String {
+    let pid = hb.rt.state(&hb.id)["pid"].as_i64().unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let pick = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut out = format!("pid {pid}: {}, {}; ", pick("State:"), pick("TracerPid:"));
+    for l in std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+    {
+        let mut parts = l.splitn(3, ':');
+        let (Some(_), Some(ctrl), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        let file = match ctrl {
+            "freezer" => Path::new("/sys/fs/cgroup/freezer")
+                .join(rel)
+                .join("freezer.state"),
+            "" if Path::new("/sys/fs/cgroup/unified").is_dir() => {
+                Path::new("/sys/fs/cgroup/unified")
+                    .join(rel)
+                    .join("cgroup.freeze")
+            }
+            "" => Path::new("/sys/fs/cgroup").join(rel).join("cgroup.freeze"),
+            _ => continue,
+        };
+        let v = std::fs::read_to_string(&file).unwrap_or_else(|e| e.to_string());
+        out.push_str(&format!("{} = {}; ", file.display(), v.trim()));
+    }
+    out.push_str(&format!("processes: {:?}", processes_mentioning(&hb.id)));
+    out
+}
+
 /// Whether process `pid` is held: in a frozen (or freezing) cgroup, or in a ptrace stop.
 pub fn held(pid: i64) -> bool {
     let state = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -233,7 +274,7 @@ pub fn held(pid: i64) -> bool {
 }
 
 /// Wait until a `criu` child of `busy` runs while the workload still beats: CRIU started,
-/// the freeze not yet. Returns CRIU's pid.
+/// the freeze not yet. Returns CRIU's pid, stopped (SIGSTOP): send it SIGCONT after striking.
 pub fn wait_for_criu_before_freeze(
     hb: &Heartbeat,
     busy: &mut Child,
@@ -245,11 +286,13 @@ pub fn wait_for_criu_before_freeze(
             return None;
         }
         if let Some(c) = criu_child(busy.id()) {
-            let b = hb.beats();
-            std::thread::sleep(Duration::from_micros(300));
-            if hb.beats() > b {
+            // Hold CRIU where it is, then make sure the workload still beats: the moment
+            // stays "before the freeze" until the caller strikes (and lets CRIU go on).
+            signal(c, nix::sys::signal::Signal::SIGSTOP);
+            if hb.advancing(Duration::from_millis(200)) {
                 return Some(c);
             }
+            signal(c, nix::sys::signal::Signal::SIGCONT);
         }
         std::thread::sleep(Duration::from_micros(200));
     }

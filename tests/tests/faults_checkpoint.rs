@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cryo_tests::faults::{
-    criu_child, finish, processes_mentioning, record, signal, spawn, staging_left, time_to_thaw,
-    wait_for_criu_before_freeze, wait_for_freeze, wait_for_thaw, Heartbeat, Tmpfs,
+    criu_child, diagnose, finish, processes_mentioning, record, signal, spawn, staging_left,
+    time_to_thaw, wait_for_criu_before_freeze, wait_for_freeze, wait_for_thaw, Heartbeat, Tmpfs,
 };
 use cryo_tests::{unique, Runtime};
 use nix::sys::signal::Signal;
@@ -27,7 +27,8 @@ const WITHIN: Duration = Duration::from_secs(60);
 fn assert_survived(hb: &Heartbeat, img: &Path, image_may_exist: bool, thawed: Duration) -> String {
     assert!(
         hb.advancing(Duration::from_secs(10)),
-        "the container is still frozen 10 s after the fault"
+        "the container is still frozen 10 s after the fault: {}",
+        diagnose(hb)
     );
     assert_eq!(hb.rt.state(&hb.id)["status"], "running");
     hb.assert_memory_intact(Duration::from_secs(30));
@@ -88,7 +89,9 @@ fn runc_outcome(hb: &Heartbeat, img: &Path) -> String {
     } else {
         "no image"
     };
-    let out = if frozen_for_good {
+    let out = if status == "stopped" || status == "gone" {
+        format!("container dead (state says {status}), {image}")
+    } else if frozen_for_good {
         format!("FROZEN for good (state says {status}), {image}")
     } else {
         format!("running ({status}), {image}")
@@ -116,14 +119,21 @@ fn strike(
 ) -> (std::process::ExitStatus, String, Duration) {
     for _ in 0..5 {
         let mut child = spawn(&hb.rt, &args(extra, img, &hb.id));
+        let mut held_criu = None;
         let seen = match when {
             Moment::InsideFreeze => wait_for_freeze(hb, &mut child, QUIET, WITHIN),
-            Moment::BeforeFreeze => wait_for_criu_before_freeze(hb, &mut child, WITHIN).is_some(),
+            Moment::BeforeFreeze => {
+                held_criu = wait_for_criu_before_freeze(hb, &mut child, WITHIN);
+                held_criu.is_some()
+            }
             Moment::AfterThaw => wait_for_thaw(hb, &mut child, WITHIN),
         };
         assert!(seen, "the moment was never seen: {:?}", finish(child));
         if let Some(target) = pick(fault, &child) {
             signal(target, fault.signal());
+            if let Some(c) = held_criu {
+                signal(c, Signal::SIGCONT);
+            }
             let thawed =
                 time_to_thaw(hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
             let (status, err) = finish(child);
@@ -171,7 +181,26 @@ fn case(name: &str, extra: &[&str], when: Moment, fault: Fault, runc_too: bool) 
     let hb = Heartbeat::start(&rt, &unique("fault"), MIB);
     let _g = rt.guard(&hb.id);
     let img = hb.bundle.dir.join("img");
+    let init = hb.rt.state(&hb.id)["pid"].as_i64().unwrap_or(0);
     let (status, err, thawed) = strike(&hb, extra, &img, when, fault);
+    if err.contains("its init died") {
+        // CRIU died with its code inside the workload (its parasite, or the syscall it plants
+        // to inject it): the workload dies of that trap as it runs, under any runtime. Only a
+        // CRIU killed inside the freeze can do this; the rest must still hold.
+        assert!(
+            matches!(fault, Fault::KillCriu | Fault::CrashCriu)
+                && matches!(when, Moment::InsideFreeze),
+            "the container died: {err}"
+        );
+        let cryo = assert_killed_by_criu_trap(&hb, &img, init);
+        let runc = if runc_too {
+            runc_case(extra, when, fault)
+        } else {
+            "-".to_string()
+        };
+        record(name, &cryo, &runc);
+        return;
+    }
     if !matches!(fault, Fault::KillCheckpointer) {
         assert!(
             !status.success(),
@@ -185,16 +214,48 @@ fn case(name: &str, extra: &[&str], when: Moment, fault: Fault, runc_too: bool) 
     }
     let cryo = assert_survived(&hb, &img, matches!(when, Moment::AfterThaw), thawed);
     let runc = if runc_too {
-        let r = Runtime::runc();
-        let hb = Heartbeat::start(&r, &unique("fault-runc"), MIB);
-        let _g = r.guard(&hb.id);
-        let img = hb.bundle.dir.join("img");
-        let _ = strike(&hb, extra, &img, when, fault);
-        runc_outcome(&hb, &img)
+        runc_case(extra, when, fault)
     } else {
         "-".to_string()
     };
     record(name, &cryo, &runc);
+}
+
+fn runc_case(extra: &[&str], when: Moment, fault: Fault) -> String {
+    let r = Runtime::runc();
+    let hb = Heartbeat::start(&r, &unique("fault-runc"), MIB);
+    let _g = r.guard(&hb.id);
+    let img = hb.bundle.dir.join("img");
+    let _ = strike(&hb, extra, &img, when, fault);
+    runc_outcome(&hb, &img)
+}
+
+/// The workload (init `pid`) was thawed and died of the trap CRIU left in it (the kernel logs
+/// "trap int3" for it); no image, no CRIU or guardian left, state says stopped.
+fn assert_killed_by_criu_trap(hb: &Heartbeat, img: &Path, pid: i64) -> String {
+    let dmesg = std::process::Command::new("dmesg")
+        .output()
+        .expect("run dmesg");
+    let needle = format!("[{pid}] trap int3");
+    assert!(
+        String::from_utf8_lossy(&dmesg.stdout).contains(&needle),
+        "cryo says the init died, but the kernel logged no trap of pid {pid}: {}",
+        diagnose(hb)
+    );
+    assert_eq!(hb.rt.state(&hb.id)["status"], "stopped");
+    assert!(!img.exists(), "a failed checkpoint left {}", img.display());
+    let left = staging_left(img);
+    assert!(left.is_empty(), "left beside the image: {left:?}");
+    let root = hb.rt.root.to_string_lossy().into_owned();
+    let end = Instant::now() + Duration::from_secs(10);
+    while processes_mentioning(&root)
+        .iter()
+        .any(|p| p.contains("__guardian") || p.contains(" swrk "))
+    {
+        assert!(Instant::now() < end, "a guardian or CRIU was left running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    "thawed, but the init died of the trap CRIU left in it (SIGTRAP; reported as such), no image, nothing left".into()
 }
 
 #[test]
@@ -501,17 +562,24 @@ fn a_disk_filling_up_inside_the_dump() {
         &args(&["--leave-running", "--no-page-staging"], &img, &hb.id),
     );
     assert!(wait_for_freeze(&hb, &mut child, QUIET, WITHIN));
-    // Take what is left on the disk.
+    // Hold CRIU while the rest of the disk is taken, so the dump cannot win the race for it.
+    let criu = criu_child(child.id()).expect("no CRIU inside the freeze: case not reached");
+    signal(criu, Signal::SIGSTOP);
     let filler = disk.dir.join("filler");
     let mut f = std::fs::File::create(&filler).unwrap();
     let chunk = vec![1u8; 1 << 20];
     while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    signal(criu, Signal::SIGCONT);
     let thawed = time_to_thaw(&hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
     let (status, err) = finish(child);
     drop(f);
     std::fs::remove_file(&filler).unwrap();
     assert!(!status.success());
-    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains("No space left on device"),
+        "{err}\nCRIU's log ends:\n{}",
+        log_tail(&err)
+    );
     let cryo = assert_survived(&hb, &img, false, thawed);
     record("the disk fills up inside the dump", &cryo, "-");
 }
@@ -588,4 +656,17 @@ fn a_frozen_container_reads_paused_and_resumes() {
             );
         }
     }
+}
+
+/// The last lines of the log file an error names ("log file: PATH").
+fn log_tail(err: &str) -> String {
+    let Some(path) = err
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("log file: "))
+    else {
+        return "(no log named)".into();
+    };
+    let text = std::fs::read_to_string(path.trim()).unwrap_or_else(|e| format!("{path}: {e}"));
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
 }

@@ -24,6 +24,11 @@ use super::{
 /// How often a waiting call looks at the observer's deadline and interrupt flag.
 const WAIT_SLICE: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// How long an aborted CRIU may take to end by itself before it is killed. A CRIU that ends
+/// by itself first cures the tasks it holds; killed while its code is in a task (its parasite,
+/// or the syscall it plants to inject it), it leaves that task to die of SIGTRAP.
+const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Extra fds are first parked at or above this number so that placing them at 4, 5, … in the
 /// child cannot clobber one another.
 const PARK_FD_FLOOR: RawFd = 100;
@@ -215,7 +220,7 @@ impl Session {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         loop {
             if observer.interrupted() {
-                self.kill();
+                self.abort();
                 return Err(CriuError::Interrupted {
                     log: self.log.clone(),
                 });
@@ -224,7 +229,7 @@ impl Session {
             if let Some(d) = observer.deadline() {
                 let now = std::time::Instant::now();
                 if now >= d.at {
-                    self.kill();
+                    self.abort();
                     return Err(CriuError::TimedOut {
                         what: d.what,
                         excerpt: log_excerpt(&self.log),
@@ -244,11 +249,27 @@ impl Session {
         }
     }
 
-    fn kill(&self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+    /// End CRIU, gently first: let it run if it is stopped, and cut the RPC socket, so that its
+    /// next message to cryo fails and it takes its own error path (cures and releases the
+    /// tasks, then exits). Killed only if it has not ended within [`ABORT_GRACE`].
+    fn abort(&self) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGCONT);
+        let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let until = std::time::Instant::now() + ABORT_GRACE;
+        // WNOWAIT: the exit stays to be reaped by whoever waits for the child later.
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        while std::time::Instant::now() < until {
+            match waitid(Id::Pid(pid), flags) {
+                Ok(WaitStatus::StillAlive) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                _ => return,
+            }
+        }
+        let _ = kill(pid, Signal::SIGKILL);
     }
 
     /// Receive one packet (and the fd CRIU may attach to it).

@@ -170,6 +170,21 @@ pub enum DumpError {
     /// cryo's page receiver (its own write errors come before CRIU's broken pipe).
     #[error(transparent)]
     Pages(#[from] ReceiveError),
+    /// CRIU failed with the image's filesystem full: it ran out of space while writing (its
+    /// own log, kept there too, may be cut short for the same reason).
+    #[error(
+        "No space left on device in {path} while CRIU wrote the image ({} free when it \
+         failed): free some space there or choose another --image-path\n{source}",
+        mib(*.free)
+    )]
+    FilledUp {
+        /// The image directory.
+        path: PathBuf,
+        /// Bytes free after the failure.
+        free: u64,
+        /// CRIU's error (boxed: every step returns this enum).
+        source: Box<CriuError>,
+    },
     /// Not enough room for the image, found before the freeze.
     #[error(
         "not enough free space in {path}: the checkpoint needs about {} ({} of memory, {} of \
@@ -226,6 +241,8 @@ pub enum LeftAs {
     Paused,
     /// Thawing it failed: the guardian tries again as cryo exits.
     Unknown,
+    /// Thawed, and its init died at once: CRIU was killed with its code inside the process.
+    Died,
 }
 
 /// A failed checkpoint: the step, the cause, what became of the container, where the log is.
@@ -250,6 +267,10 @@ fn left_note(left: LeftAs) -> &'static str {
         LeftAs::Untouched => " (the container was not touched)",
         LeftAs::Thawed => " (the container was thawed and keeps running)",
         LeftAs::Paused => " (the container was left paused, as it was before)",
+        LeftAs::Died => {
+            " (the container was thawed, but its init died: CRIU ended while its code was inside \
+             the process, which kills it under any runtime)"
+        }
         LeftAs::Unknown => {
             " (thawing the container failed and cryo's guardian tries again: check it with `cryo state`)"
         }

@@ -258,7 +258,10 @@ impl<'r, 'a> Prepared<'r, 'a> {
             (Ok(_), None) => None,
         };
         if let Some((step, cause)) = failed {
-            let left = self.undo_freeze(frozen);
+            let mut left = self.undo_freeze(frozen);
+            if left == LeftAs::Thawed && init_dies_after_thaw(self.req.pid) {
+                left = LeftAs::Died;
+            }
             return Err(self.fail(step, cause, left));
         }
         let Some(frozen) = frozen else {
@@ -364,6 +367,43 @@ impl<'r, 'a> Prepared<'r, 'a> {
                 }
             }
         }
-        criu.into()
+        // CRIU says only "errno 0" when a write of its own fails, and its log sits on the
+        // same full filesystem: name the full disk when that is what it met.
+        let dir = self.staging.dir();
+        match nix::sys::statvfs::statvfs(dir) {
+            Ok(vfs) if is_full(&vfs) => DumpError::FilledUp {
+                path: dir.to_path_buf(),
+                free: vfs.blocks_available().saturating_mul(vfs.fragment_size()),
+                source: Box::new(criu),
+            },
+            _ => criu.into(),
+        }
     }
+}
+
+/// Whether the container's init dies right after the thaw that followed a failed dump. A CRIU
+/// killed while its code was inside a task (the parasite, or the syscall it plants to inject
+/// it) leaves that task to die of SIGTRAP as soon as it runs: nothing can undo that, but the
+/// user must hear it instead of "keeps running".
+fn init_dies_after_thaw(pid: i32) -> bool {
+    let until = Instant::now() + Duration::from_millis(300);
+    loop {
+        let gone = match procfs::process::Process::new(pid).and_then(|p| p.stat()) {
+            Ok(stat) => matches!(stat.state, 'Z' | 'X' | 'x'),
+            Err(_) => true,
+        };
+        if gone {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A filesystem with less room left than CRIU's next write may need (a page-image chunk).
+fn is_full(vfs: &nix::sys::statvfs::Statvfs) -> bool {
+    const CRIU_WRITE: u64 = 4 << 20;
+    vfs.blocks_available().saturating_mul(vfs.fragment_size()) < CRIU_WRITE
 }
