@@ -39,13 +39,18 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         .pid()
         .context("the container has no init pid")?
         .as_raw();
-    let bundle = container.bundle().clone();
-    let spec = cryo_oci::load_spec(&bundle)?;
     let record = ctx.store.load(id)?;
+    // The user's bundle (libcontainer's may be cryo's copy of the spec, see `run_bundle`).
+    let bundle = record
+        .as_ref()
+        .map(|r| r.bundle.clone())
+        .unwrap_or_else(|| container.bundle().clone());
+    let spec = cryo_oci::load_spec(&bundle)?;
     let rootfs = match &record {
         Some(r) => r.rootfs.clone(),
         None => cryo_oci::rootfs_path(&bundle, &spec)?,
     };
+    let spec = crate::mounts::as_criu_sees_them(&spec, &bundle, &rootfs);
     let stdio = record
         .map(|r| r.stdio)
         .unwrap_or_else(|| cryo_checkpoint::descriptors::read_stdio(pid));

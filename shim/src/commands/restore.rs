@@ -18,14 +18,17 @@ use oci_spec::runtime::{LinuxResources, Spec};
 
 use super::checkpoint::image_dir;
 use super::wait_forwarding;
+use crate::cgroups::{cgroups_path, OtherHierarchies};
 use crate::cli::RestoreArgs;
 use crate::context::Context;
+use crate::run_bundle::RunBundle;
 
 /// `restore`
 pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
     let bundle = Bundle::load(&a.bundle)?;
     let rootfs = bundle.rootfs()?;
+    super::check_pid_file(a.pid_file.as_deref())?;
     let _lock = ctx.store.lock(id)?;
     if ctx.store.exists(id) {
         bail!("container with id {id} already exists: restore under another id or delete it first");
@@ -35,7 +38,18 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     let container_dir = ctx.store.container_dir(id);
     std::fs::create_dir_all(&container_dir)
         .with_context(|| format!("cannot create {}", container_dir.display()))?;
-    let youki_cfg = YoukiConfig::from_spec(&bundle.spec, id)?;
+    // runc's cgroup naming (see `cgroups`), through cryo's copy of the spec when the user's
+    // names no cgroupsPath (see `run_bundle`): later execs read the copy.
+    let run_bundle = RunBundle::write_into_state(&container_dir, id, &bundle)?;
+    let mut run_spec = bundle.spec.clone();
+    if let Some(mut linux) = run_spec.linux().clone() {
+        linux.set_cgroups_path(Some(cgroups_path(&bundle.spec, id)));
+        run_spec.set_linux(Some(linux));
+    }
+    let youki_cfg = YoukiConfig::from_spec(&run_spec, id)?;
+    let criu_spec = crate::mounts::as_criu_sees_them(&bundle.spec, &bundle.dir, &rootfs);
+    crate::mounts::make_bind_mountpoints(&criu_spec, &rootfs)
+        .context("cannot make the bind mounts' mount points")?;
     if !a.detach && !a.no_subreaper {
         // Orphans of the restored tree must come back to us so we can reap them.
         let _ = nix::sys::prctl::set_child_subreaper(true);
@@ -43,7 +57,7 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     let req = RestoreRequest {
         id: id.clone(),
         bundle: bundle.dir.clone(),
-        spec: bundle.spec.clone(),
+        spec: criu_spec,
         rootfs: rootfs.canonicalize().unwrap_or(rootfs.clone()),
         image_dir: image_dir.clone(),
         work_dir,
@@ -85,7 +99,7 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         id,
         ContainerStatus::Running,
         Some(report.pid),
-        &bundle.dir,
+        run_bundle.as_deref().unwrap_or(&bundle.dir),
         &container_dir,
     )?;
     container.state.created = Some(chrono::Utc::now());
@@ -119,7 +133,7 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     let code = wait_forwarding(Pid::from_raw(report.pid));
     let _lock = ctx.store.lock(id)?;
     if let Ok(mut c) = Container::load(container_dir) {
-        let _ = c.delete(true);
+        let _ = super::delete_container(&mut c, true);
     }
     Ok(code)
 }
@@ -132,6 +146,7 @@ struct Host {
     cgroup_path: PathBuf,
     manager: Option<AnyCgroupManager>,
     original: Vec<(PathBuf, String)>,
+    others: OtherHierarchies,
 }
 
 impl Host {
@@ -143,6 +158,7 @@ impl Host {
             cgroup_path,
             manager: None,
             original: Vec::new(),
+            others: OtherHierarchies::discover().unwrap_or_default(),
         }
     }
 }
@@ -177,6 +193,11 @@ impl RestoreHost for Host {
         manager
             .add_task(Pid::this())
             .map_err(|e| format!("joining {}: {e}", self.cgroup_path.display()))?;
+        // runc's other hierarchies too (name=systemd, cgroup2 on a hybrid host): CRIU puts the
+        // restored tasks where cryo is, and a runc image's cgroup mounts name them.
+        self.others
+            .join(&self.cgroup_path, std::process::id() as i32)
+            .map_err(|e| format!("{e:#}"))?;
         let default = LinuxResources::default();
         let resources = self
             .spec
@@ -258,5 +279,6 @@ impl RestoreHost for Host {
             }
             let _ = m.remove();
         }
+        self.others.remove(&self.cgroup_path);
     }
 }
