@@ -324,7 +324,7 @@ fn failed_restore_leaves_nothing_behind() {
     assert!(e.contains("inventory.img"), "{e}");
     assert!(rt.fails(&["state", &id]).contains("does not exist"));
     assert!(!rt.root.join(&id).exists());
-    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/freezer/:youki:{id}")).exists());
+    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/freezer/{id}")).exists());
 }
 
 /// `restore --lazy-pages`: cryo starts CRIU's lazy-pages daemon on the image itself; the process

@@ -43,7 +43,7 @@ fn create_start_exec_ps_pause_resume_kill_delete() {
     rt.ok(&["kill", &id, "KILL"]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(rt.state(&id)["status"], "stopped");
-    let cg = format!("/sys/fs/cgroup/freezer/:youki:{id}");
+    let cg = format!("/sys/fs/cgroup/freezer/{id}");
     rt.ok(&["delete", &id]);
     assert!(rt.fails(&["state", &id]).contains("does not exist"));
     assert!(!rt.root.join(&id).exists(), "state dir left behind");

@@ -53,7 +53,8 @@ fn hand_over(from: &Runtime, to: &Runtime, b: &Bundle) {
 }
 
 /// runc 1.1.5 mounts cgroupfs for a container with a cgroup namespace while libcontainer
-/// bind-mounts each v1 controller, so the two only share images for specs without one.
+/// bind-mounts each v1 controller, so the two only share images for specs without one (runc's
+/// default spec, which `cryo spec` writes, has none; this keeps the test independent of that).
 fn bundle_without_cgroupns() -> Bundle {
     let b = Bundle::busybox(COUNTER);
     b.write_config(COUNTER, |v| {
