@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Make an OCI bundle at DIR with a busybox-static rootfs running `sh -c SCRIPT`.
 # Usage: examples/busybox-bundle.sh DIR 'SCRIPT'
+# Uses the cryo on PATH (as installed by README's steps); CRYO=/path/to/cryo picks another.
 set -euo pipefail
 dir=$1; script=${2:-'echo hello from cryo'}
-cryo=${CRYO:-$(dirname "$0")/../target/debug/cryo}
+if [ -n "${CRYO:-}" ]; then
+  cryo=$CRYO
+elif ! cryo=$(command -v cryo); then
+  echo "examples/busybox-bundle.sh: cryo is not on PATH: install it (see README), or set CRYO=/path/to/cryo" >&2
+  exit 1
+fi
 mkdir -p "$dir/rootfs"/{bin,proc,sys,dev,tmp,etc,root}
 cp /bin/busybox "$dir/rootfs/bin/"
 chroot "$dir/rootfs" /bin/busybox --install -s /bin

@@ -165,6 +165,30 @@ pub fn v1_controller_paths(pid: i32) -> Result<Vec<(String, PathBuf)>, CgroupErr
     Ok(paths)
 }
 
+/// The hierarchies in which process `pid` has a cgroup of its own, named as
+/// `/proc/<pid>/cgroup` names them (`"freezer"`, `"cpu,cpuacct"`, `""` for cgroup2): those
+/// mounted in cryo's mount namespace in which it is not in the root cgroup. A runtime puts a
+/// container in a cgroup of its own in the hierarchies it manages; where the container sits in
+/// the root (the cgroup2 of a hybrid host, `name=systemd` without systemd), or a hierarchy that
+/// is not mounted here (v1 hierarchies below a host that mounts only cgroup2) is not one.
+pub fn owned_hierarchies(pid: i32) -> Result<Vec<String>, CgroupError> {
+    Ok(owned(&read_proc_cgroup(pid)?, &read_mountinfo()?))
+}
+
+fn owned(lines: &[ProcCgroupLine], mounts: &[MountInfoEntry]) -> Vec<String> {
+    controller_paths(
+        &lines
+            .iter()
+            .filter(|l| !is_root(&l.path))
+            .cloned()
+            .collect::<Vec<_>>(),
+        mounts,
+    )
+    .into_iter()
+    .map(|(controllers, _)| controllers)
+    .collect()
+}
+
 fn controller_paths(lines: &[ProcCgroupLine], mounts: &[MountInfoEntry]) -> Vec<(String, PathBuf)> {
     lines
         .iter()
@@ -320,6 +344,27 @@ mod tests {
             ("".into(), "/sys/fs/cgroup/unified/c".into()),
         ];
         assert_eq!(p, want);
+    }
+
+    #[test]
+    fn owned_hierarchies_are_the_mounted_ones_below_the_root() {
+        // Hybrid: a container in v1 cgroups of its own, in the roots of cgroup2 and systemd's.
+        let proc = "9:name=systemd:/\n6:freezer:/c\n4:cpu,cpuacct:/c\n3:memory:/c\n0::/\n";
+        let mi = format!(
+            "{HYBRID}40 31 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd\n"
+        );
+        assert_eq!(
+            owned(&parse_proc_cgroup(proc), &parse_mountinfo(&mi)),
+            vec!["freezer", "cpu,cpuacct"]
+        );
+        // Pure cgroup v2 (also as scripts/pure-v2 emulates it: the v1 lines are there, their
+        // hierarchies are not mounted).
+        let proc = "6:freezer:/cryo-pure-v2.1\n3:memory:/x\n0::/cryo/c1\n";
+        assert_eq!(
+            owned(&parse_proc_cgroup(proc), &parse_mountinfo(PURE_V2)),
+            vec![""]
+        );
+        assert!(owned(&parse_proc_cgroup("0::/\n"), &parse_mountinfo(PURE_V2)).is_empty());
     }
 
     #[test]

@@ -140,6 +140,16 @@ pub fn freezer_for(cg: &ContainerCgroup) -> Box<dyn Freezer> {
     }
 }
 
+/// The freezer of a cgroup directory, told apart by its control files: `freezer.state` is v1's,
+/// `cgroup.freeze` v2's. For a process that only knows the path (cryo's guardian).
+pub fn freezer_at(dir: &Path) -> Box<dyn Freezer> {
+    if dir.join("freezer.state").exists() {
+        Box::new(V1Freezer::new(dir))
+    } else {
+        Box::new(V2Freezer::new(dir))
+    }
+}
+
 /// Write a control file. No O_CREAT: a missing file means a missing cgroup, which must be an
 /// error, not a new regular file. One write call: cgroup files take a value per write().
 fn write_control(path: &Path, value: &str) -> Result<(), CgroupError> {

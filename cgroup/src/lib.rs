@@ -16,11 +16,11 @@ mod guard;
 pub mod mountinfo;
 
 pub use discovery::{
-    cgroup_setup, parse_proc_cgroup, v1_controller_paths, ContainerCgroup, FreezerPath,
-    ProcCgroupLine, Setup,
+    cgroup_setup, owned_hierarchies, parse_proc_cgroup, v1_controller_paths, ContainerCgroup,
+    FreezerPath, ProcCgroupLine, Setup,
 };
 pub use error::CgroupError;
 pub use freezer::{
-    freezer_for, FreezeGuard, FreezeStats, Freezer, FreezerState, V1Freezer, V2Freezer,
+    freezer_at, freezer_for, FreezeGuard, FreezeStats, Freezer, FreezerState, V1Freezer, V2Freezer,
 };
 pub use mountinfo::{parse_mountinfo, MountInfoEntry};

@@ -1,5 +1,6 @@
-//! The freezers against the real kernel: a `sleep 30` child in a fresh v1 freezer cgroup and in
-//! a fresh cgroup2 directory. Needs root, and FAILS without it: a skipped test would hide that
+//! The freezers against the real kernel: a `sleep 30` child in a fresh cgroup of the freezer
+//! cryo uses on this host (v1 on a hybrid host, cgroup2 on a pure v2 one) and in a fresh
+//! cgroup2 directory. Needs root, and FAILS without it: a skipped test would hide that
 //! the freezer was never exercised.
 #![allow(clippy::unwrap_used)]
 
@@ -14,6 +15,22 @@ use cryo_cgroup::{
 
 const V1_ROOT: &str = "/sys/fs/cgroup/freezer";
 const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where cryo freezes on this host, and how to thaw a cgroup there: the v1 freezer hierarchy
+/// where one is mounted (hybrid), else cgroup2 (a pure v2 host, or scripts/pure-v2).
+fn freezer_root() -> (PathBuf, (&'static str, &'static str)) {
+    let mountinfo = read(Path::new("/proc/self/mountinfo"));
+    let v1 = mountinfo.lines().any(|l| {
+        l.split(' ').nth(4) == Some(V1_ROOT) && l.contains(" - cgroup ") && l.ends_with("freezer")
+    });
+    if v1 {
+        (PathBuf::from(V1_ROOT), ("freezer.state", "THAWED"))
+    } else {
+        let root = cryo_cgroup::discovery::cgroup2_mount_in(&mountinfo)
+            .expect("neither a v1 freezer nor cgroup2 is mounted");
+        (root, ("cgroup.freeze", "0"))
+    }
+}
 
 fn require_root() {
     assert!(
@@ -92,34 +109,49 @@ fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap()
 }
 
+/// The freezer cryo picks for a process here (the v1 one on a hybrid host, cgroup2 on a pure v2
+/// host) freezes and thaws it.
 #[test]
-fn v1_freezer_freezes_and_thaws_a_real_process() {
+fn the_hosts_freezer_freezes_and_thaws_a_real_process() {
     require_root();
-    let dir = PathBuf::from(V1_ROOT).join(format!("cryo-test-{}-v1", std::process::id()));
-    let cg = TestCgroup::new(dir.clone(), ("freezer.state", "THAWED"));
+    let (root, thaw) = freezer_root();
+    let v1 = thaw.0 == "freezer.state";
+    let dir = root.join(format!("cryo-test-{}-host", std::process::id()));
+    let cg = TestCgroup::new(dir.clone(), thaw);
 
     let found = ContainerCgroup::for_pid(cg.pid()).unwrap();
-    assert_eq!(found.freezer, FreezerPath::V1(dir.clone()));
+    let (want, controllers) = if v1 {
+        (FreezerPath::V1(dir.clone()), "freezer")
+    } else {
+        (FreezerPath::V2(dir.clone()), "")
+    };
+    assert_eq!(found.freezer, want);
     let paths = v1_controller_paths(cg.pid()).unwrap();
     assert!(
-        paths.contains(&("freezer".to_string(), dir.clone())),
+        paths.contains(&(controllers.to_string(), dir.clone())),
         "{paths:?}"
     );
 
     let f = freezer_for(&found);
     let stats = f.freeze(TIMEOUT).unwrap();
-    eprintln!("v1 freeze of an idle cgroup: {stats:?}");
-    assert_eq!(read(&dir.join("freezer.state")).trim(), "FROZEN");
+    eprintln!("freeze of an idle cgroup (v1: {v1}): {stats:?}");
+    if v1 {
+        assert_eq!(read(&dir.join("freezer.state")).trim(), "FROZEN");
+    } else {
+        assert!(read(&dir.join("cgroup.events")).contains("frozen 1"));
+    }
     assert_eq!(f.state().unwrap(), FreezerState::Frozen);
-    // The v1 freezer parks tasks in uninterruptible sleep.
-    assert!(
-        proc_state(cg.pid()).starts_with('D'),
-        "{}",
-        proc_state(cg.pid())
-    );
+    // The v1 freezer parks tasks in uninterruptible sleep; cgroup2 in a stop of its own.
+    if v1 {
+        assert!(
+            proc_state(cg.pid()).starts_with('D'),
+            "{}",
+            proc_state(cg.pid())
+        );
+    }
 
     f.thaw().unwrap();
-    assert_eq!(f.state().unwrap(), FreezerState::Thawed);
+    assert!(eventually(|| f.state().unwrap() == FreezerState::Thawed));
     assert!(
         eventually(|| !proc_state(cg.pid()).starts_with('D')),
         "{}",
@@ -175,8 +207,8 @@ fn v2_freezer_freezes_and_thaws_a_real_process() {
 fn cgroups_path_matches_the_process_view() {
     require_root();
     let name = format!("cryo-test-{}-path", std::process::id());
-    let dir = PathBuf::from(V1_ROOT).join(&name);
-    let cg = TestCgroup::new(dir, ("freezer.state", "THAWED"));
+    let (root, thaw) = freezer_root();
+    let cg = TestCgroup::new(root.join(&name), thaw);
     let from_spec = ContainerCgroup::from_cgroups_path(Path::new(&format!("/{name}"))).unwrap();
     assert_eq!(from_spec, ContainerCgroup::for_pid(cg.pid()).unwrap());
 }

@@ -1,10 +1,14 @@
 //! The checkpoint engine: CRIU client, dump/restore plans, image manifest, rootfs snapshot.
 
+pub mod cgroup_image;
 pub mod criu;
 pub mod descriptors;
 pub mod dump;
 pub mod facts;
 pub mod flags;
+pub mod gpu;
+pub mod guardian;
+pub mod image;
 pub mod manifest;
 pub mod page_receiver;
 pub mod pages;

@@ -1,19 +1,38 @@
-//! cryo's image manifest, `cryo-manifest.json`: written LAST into the image directory, so its
-//! presence means the checkpoint is complete (operators restore the newest image that has
-//! one), and read FIRST on restore. The CRIU images beside it stay plain CRIU images, so runc,
-//! crit and checkpointctl read them too.
+//! cryo's image manifest, `cryo-manifest.json`: written LAST into the image directory (which is
+//! then published whole, see [`crate::image`]), so its presence means the checkpoint is
+//! complete, and read FIRST on restore. It lists every file of the image with its size and
+//! BLAKE3 digest, and carries a digest of itself: a restore verifies all of it before it
+//! touches anything. The CRIU images beside it stay plain CRIU images, so runc, crit and
+//! checkpointctl read them too.
+//!
+//! The format is a versioned contract: `format` names it, and `requires` lists what a reader
+//! must understand to restore the image correctly (a cryo that meets a requirement it does not
+//! know refuses instead of misreading).
 
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use crate::image::digest::FileRecord;
 use crate::plan::ExtMount;
 
 /// File name inside the image directory.
 pub const FILE: &str = "cryo-manifest.json";
-/// The format this build writes and reads.
-pub const FORMAT: &str = "cryo.checkpoint/v1";
+/// The format this build writes.
+pub const FORMAT: &str = "cryo.checkpoint/v2";
+/// The previous format, still read (no file digests: restored with a warning).
+pub const FORMAT_V1: &str = "cryo.checkpoint/v1";
+/// Requirements this build understands (see [`Manifest::requires`]).
+pub const KNOWN_REQUIREMENTS: &[&str] = &[REQ_COMPRESSED_PAGES, REQ_PAX_SPARSE, REQ_CUDA];
+/// The page images are stored zstd-compressed (`--compress-pages`).
+pub const REQ_COMPRESSED_PAGES: &str = "compressed-pages";
+/// The image holds CUDA state: it restores only through CRIU's CUDA plugin ([`crate::gpu`]).
+pub const REQ_CUDA: &str = "cuda";
+/// Sparse files in the changeset use GNU's PAX sparse map.
+pub const REQ_PAX_SPARSE: &str = "changeset-pax-sparse";
+/// The JSON key of the manifest's own digest.
+const SELF_DIGEST_KEY: &str = "manifest_blake3";
 
 /// How long each step took, in milliseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -43,6 +62,9 @@ pub struct Timings {
     /// container was stopped instead of thawed.
     #[serde(default)]
     pub after_thaw_ms: f64,
+    /// Digesting the image's files (after the thaw).
+    #[serde(default)]
+    pub digest_ms: f64,
     /// The whole verb until durable.
     pub total_ms: f64,
 }
@@ -55,9 +77,12 @@ pub struct RootfsRecord {
     /// The overlay upper dir captured, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upper_dir: Option<PathBuf>,
-    /// (st_dev, st_ino) of that upper dir, to recognise an in-place restore.
+    /// (st_dev, st_ino) of that upper dir (format v1; not enough to recognise it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upper_identity: Option<(u64, u64)>,
+    /// Who that upper dir is ([`crate::facts::DirIdentity`]), to recognise an in-place restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper_fingerprint: Option<crate::facts::DirIdentity>,
     /// The changeset file in the image dir, if a snapshot was taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
@@ -73,6 +98,10 @@ pub struct RootfsRecord {
     /// Uncompressed bytes.
     #[serde(default)]
     pub bytes: u64,
+    /// Sum of the captured regular files' sizes, holes included: a restore refuses a
+    /// changeset that declares more (or more data than `bytes`). Absent in older images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_bytes: Option<u64>,
 }
 
 /// A regular file some process held open at checkpoint: it must exist with this size at restore.
@@ -123,6 +152,18 @@ pub struct Manifest {
     pub pages: Option<PagesRecord>,
     /// Step timings.
     pub timings: Timings,
+    /// GPU: the container's CUDA state went through CRIU's CUDA plugin ([`crate::gpu`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<crate::gpu::GpuRecord>,
+    /// Every file of the image (but this one and CRIU's logs) with its size and digest.
+    #[serde(default)]
+    pub files: Vec<FileRecord>,
+    /// What a reader must understand to restore this image ([`KNOWN_REQUIREMENTS`]).
+    #[serde(default)]
+    pub requires: Vec<String>,
+    /// BLAKE3 of this file with this value replaced by 64 zeros. Kept last.
+    #[serde(default)]
+    pub manifest_blake3: String,
 }
 
 /// The page receiver's account ([`crate::page_receiver`]).
@@ -146,20 +187,47 @@ pub enum ManifestError {
         reason: String,
     },
     /// Written by an incompatible cryo.
-    #[error("{path} has format {found:?}; this cryo reads {FORMAT:?}: restore it with the cryo that made it")]
+    #[error("{path} has format {found:?}; this cryo reads {FORMAT:?} and {FORMAT_V1:?}: restore it with the cryo that made it")]
     Format {
         /// File.
         path: PathBuf,
         /// What it says.
         found: String,
     },
+    /// Needs something this cryo does not know.
+    #[error("{path} requires {requirement:?}, which this cryo does not understand: restore it with a newer cryo")]
+    Requires {
+        /// File.
+        path: PathBuf,
+        /// The unknown requirement.
+        requirement: String,
+    },
+    /// The manifest's digest of itself does not match: it was edited or damaged.
+    #[error("{path} is damaged or was edited (its own digest does not match): the image cannot be trusted; restore another checkpoint")]
+    Damaged {
+        /// File.
+        path: PathBuf,
+    },
 }
 
 impl Manifest {
-    /// Write atomically into `image_dir`.
+    /// The manifest as written: pretty JSON whose last field is its own digest.
+    pub fn to_bytes(&self) -> std::io::Result<Vec<u8>> {
+        let mut m = self.clone();
+        m.manifest_blake3 = "0".repeat(64);
+        let zeroed = serde_json::to_vec_pretty(&m)?;
+        m.manifest_blake3 = crate::image::digest::digest_bytes(&zeroed);
+        Ok(serde_json::to_vec_pretty(&m)?)
+    }
+
+    /// Write atomically into `image_dir` (private, synced), with its own digest.
     pub fn write(&self, image_dir: &Path) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(self)?;
-        cryo_oci::atomic::write_atomic(&image_dir.join(FILE), &bytes)
+        cryo_oci::atomic::write_atomic(&image_dir.join(FILE), &self.to_bytes()?)
+    }
+
+    /// Whether this manifest carries file digests (format v2 and later).
+    pub fn has_digests(&self) -> bool {
+        self.format != FORMAT_V1
     }
 
     /// Read from `image_dir`; `Ok(None)` for an image without one (made by runc or crun).
@@ -181,19 +249,54 @@ impl Manifest {
                 reason: e.to_string(),
             })?;
         let found = v.get("format").and_then(|f| f.as_str()).unwrap_or("");
-        if found != FORMAT {
+        if found != FORMAT && found != FORMAT_V1 {
             return Err(ManifestError::Format {
                 path,
                 found: found.to_string(),
             });
         }
-        serde_json::from_value(v)
-            .map(Some)
-            .map_err(|e| ManifestError::Read {
+        if found == FORMAT && !self_digest_matches(&bytes) {
+            return Err(ManifestError::Damaged { path });
+        }
+        let m: Manifest = serde_json::from_value(v).map_err(|e| ManifestError::Read {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if let Some(r) = m
+            .requires
+            .iter()
+            .find(|r| !KNOWN_REQUIREMENTS.contains(&r.as_str()))
+        {
+            return Err(ManifestError::Requires {
                 path,
-                reason: e.to_string(),
-            })
+                requirement: r.clone(),
+            });
+        }
+        Ok(Some(m))
     }
+}
+
+/// Whether the manifest text's own digest matches: the digest is taken over the text with its
+/// value replaced by zeros, so fields a newer cryo added are covered too.
+fn self_digest_matches(bytes: &[u8]) -> bool {
+    let key = format!("\"{SELF_DIGEST_KEY}\": \"");
+    let Some(at) = find(bytes, key.as_bytes()) else {
+        return false;
+    };
+    let start = at + key.len();
+    let Some(value) = bytes.get(start..start + 64) else {
+        return false;
+    };
+    if bytes.get(start + 64) != Some(&b'"') {
+        return false;
+    }
+    let mut zeroed = bytes.to_vec();
+    zeroed[start..start + 64].fill(b'0');
+    crate::image::digest::digest_bytes(&zeroed).as_bytes() == value
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
 }
 
 /// sha256 of a file, hex.
@@ -204,7 +307,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
@@ -224,11 +327,13 @@ mod tests {
                 kind: "directory".into(),
                 upper_dir: None,
                 upper_identity: None,
+                upper_fingerprint: None,
                 snapshot: None,
                 skipped_because: Some("plain directory".into()),
                 device_nodes: vec![],
                 entries: 0,
                 bytes: 0,
+                logical_bytes: None,
             },
             devshm: None,
             open_files: vec![],
@@ -238,6 +343,23 @@ mod tests {
                 staged_bytes: 4096,
             }),
             timings: Timings::default(),
+            gpu: Some(crate::gpu::GpuRecord {
+                driver_version: "580.159.04".into(),
+                devices: vec!["/dev/nvidia0".into()],
+                cuda_pids: 1,
+                plugin_timings: Some(crate::gpu::PluginTimings {
+                    lock_ms: 1.5,
+                    checkpoint_ms: 547.0,
+                    resume_ms: 393.0,
+                }),
+            }),
+            files: vec![FileRecord {
+                name: "core-1.img".into(),
+                size: 3,
+                blake3: "ab".repeat(32),
+            }],
+            requires: vec![],
+            manifest_blake3: String::new(),
         }
     }
 
@@ -248,7 +370,15 @@ mod tests {
         assert!(Manifest::read(&dir).unwrap().is_none());
         let m = sample();
         m.write(&dir).unwrap();
-        assert_eq!(Manifest::read(&dir).unwrap(), Some(m));
+        let back = Manifest::read(&dir).unwrap().unwrap();
+        assert_eq!(back.manifest_blake3.len(), 64);
+        assert_eq!(
+            Manifest {
+                manifest_blake3: String::new(),
+                ..back
+            },
+            m
+        );
         std::fs::write(dir.join(FILE), r#"{"format":"cryo.checkpoint/v9"}"#).unwrap();
         let e = Manifest::read(&dir).unwrap_err().to_string();
         assert!(
@@ -256,5 +386,44 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn any_edit_of_the_manifest_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = sample();
+        m.write(dir.path()).unwrap();
+        let good = std::fs::read(dir.path().join(FILE)).unwrap();
+        let text = String::from_utf8(good.clone()).unwrap();
+        for (from, to) in [
+            ("\"size\": 3", "\"size\": 4"),
+            ("\"criu_version\": 40201", "\"criu_version\": 40200"),
+            ("abab", "abac"),
+        ] {
+            assert!(text.contains(from), "{from}");
+            std::fs::write(dir.path().join(FILE), text.replacen(from, to, 1)).unwrap();
+            let e = Manifest::read(dir.path()).unwrap_err().to_string();
+            assert!(e.contains("damaged or was edited"), "{from}: {e}");
+        }
+        // A field a newer cryo added is covered by the digest, and ignored when intact.
+        let mut newer = m.clone();
+        newer.timings.total_ms = 5.0;
+        let bytes = newer.to_bytes().unwrap();
+        std::fs::write(dir.path().join(FILE), &bytes).unwrap();
+        assert!(Manifest::read(dir.path()).unwrap().is_some());
+        // An unknown requirement is refused with the reason.
+        let mut future = m.clone();
+        future.requires = vec!["quantum-pages".into()];
+        future.write(dir.path()).unwrap();
+        let e = Manifest::read(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("quantum-pages") && e.contains("newer cryo"),
+            "{e}"
+        );
+        // v1 manifests (no digests) are still read.
+        let mut old: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        old["format"] = FORMAT_V1.into();
+        std::fs::write(dir.path().join(FILE), serde_json::to_vec(&old).unwrap()).unwrap();
+        assert!(!Manifest::read(dir.path()).unwrap().unwrap().has_digests());
     }
 }

@@ -66,8 +66,14 @@ impl StagedImages {
     /// Stage `image_dir` in `scratch` (created; must not exist): every file but the
     /// compressed pages linked, the pages in `compressed` decompressed.
     pub fn stage(image_dir: &Path, compressed: &[String], scratch: &Path) -> Result<Self, String> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let _ = fs::remove_dir_all(scratch);
-        fs::create_dir_all(scratch).map_err(|e| format!("create {}: {e}", scratch.display()))?;
+        // Private: it holds the container's memory, decompressed.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(scratch)
+            .map_err(|e| format!("create {}: {e}", scratch.display()))?;
         let staged = Self {
             dir: scratch.to_path_buf(),
         };
@@ -108,8 +114,13 @@ impl StagedImages {
                 )
             })?;
             let out = scratch.join(c);
-            let output =
-                fs::File::create(&out).map_err(|e| format!("create {}: {e}", out.display()))?;
+            let output = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&out)
+                .map_err(|e| format!("create {}: {e}", out.display()))?;
             zstd::stream::copy_decode(
                 BufReader::with_capacity(1 << 20, input),
                 BufWriter::with_capacity(WRITE_CHUNK, SmallWrites(output)),

@@ -38,6 +38,11 @@ pub struct DumpFacts {
     pub ns_inodes: Vec<(LinuxNamespaceType, u64)>,
     /// The container's freezer cgroup directory.
     pub freeze_cgroup: Option<PathBuf>,
+    /// The container has a cgroup namespace of its own (not the one cryo runs in).
+    pub own_cgroup_ns: bool,
+    /// The cgroup hierarchies the container has cgroups of its own in, as `/proc/<pid>/cgroup`
+    /// names them (`""` for cgroup2; see `cryo_cgroup::owned_hierarchies`).
+    pub cgroup_hierarchies: Vec<String>,
 }
 
 /// One CRIU external mount: key and value as the RPC wants them.
@@ -62,6 +67,8 @@ pub struct DumpPlan {
     pub empty_ns: u32,
     /// Freezer cgroup CRIU uses (already frozen by us).
     pub freeze_cgroup: Option<PathBuf>,
+    /// The only cgroup hierarchies CRIU dumps (all when empty).
+    pub cgroup_dump_controllers: Vec<String>,
 }
 
 /// Why a plan cannot be made.
@@ -89,6 +96,10 @@ pub fn dump_plan(
         root: facts.rootfs.clone(),
         empty_ns: empty_ns_mask(empty_ns)?,
         freeze_cgroup: facts.freeze_cgroup.clone(),
+        // CRIU dumps (and at restore recreates, and with --manage-cgroups-mode full rewrites)
+        // every cgroup below the task's in each hierarchy it is in: for a hierarchy where the
+        // container sits in the root that is every cgroup of the host. Only the container's own.
+        cgroup_dump_controllers: facts.cgroup_hierarchies.clone(),
         ..Default::default()
     };
     let mut add = |key: &str, val: &str| {
@@ -105,11 +116,18 @@ pub fn dump_plan(
             add(&dest, &dest);
         }
     }
-    // cgroup v1 controllers that the runtime bind-mounted from the host (no cgroupns): CRIU
-    // cannot dump a bind of a host cgroup directory, the restore side provides it again.
-    for m in &facts.mounts {
-        if (m.fstype == "cgroup" || m.fstype == "cgroup2") && m.root != "/" {
-            add(&m.mount_point, &m.mount_point);
+    // Without a cgroup namespace of its own, a cgroup mount below a hierarchy's root is a bind
+    // of the container's host cgroup directory (libcontainer binds each v1 controller so): CRIU
+    // cannot dump it, the restore side binds the new container's cgroup there. With one, the
+    // runtime mounted cgroupfs itself inside the namespace; CRIU then treats those mounts as
+    // rooted (the root it reads is ours, not the container's) and mounts them afresh in the
+    // restored namespace, so they must not be external: a restore (ours or runc's, which makes
+    // them real mounts on cgroup v2 or with a cgroup namespace) would have no mapping for them.
+    if !facts.own_cgroup_ns {
+        for m in &facts.mounts {
+            if (m.fstype == "cgroup" || m.fstype == "cgroup2") && m.root != "/" {
+                add(&m.mount_point, &m.mount_point);
+            }
         }
     }
     for p in &facts.masked_files {
@@ -147,12 +165,17 @@ pub struct InheritFd {
     pub source: FdSource,
 }
 
+/// Where the host mounts its cgroup hierarchies (cgroup2 itself on a pure v2 host, a tmpfs of
+/// v1 controllers and often `unified` on others), and where a container sees them.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
 /// Facts about the restore target.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreFacts {
     /// Where the target rootfs is bind-mounted for CRIU (CRIU needs a mount point).
     pub criu_root: PathBuf,
-    /// Host cgroup mount points (`/sys/fs/cgroup/freezer`, `/sys/fs/cgroup/cpu,cpuacct`, …).
+    /// Host cgroup mount points at or below [`CGROUP_ROOT`] (`/sys/fs/cgroup` on a pure v2
+    /// host; `/sys/fs/cgroup/freezer`, `/sys/fs/cgroup/cpu,cpuacct`, … on a v1 or hybrid one).
     pub host_cgroup_mounts: Vec<PathBuf>,
     /// The new container's cgroup path (relative to each hierarchy root).
     pub cgroup_path: PathBuf,
@@ -201,21 +224,19 @@ pub fn restore_plan(
                 .unwrap_or_else(|| dest.clone());
             add(dest, src);
         } else if m.typ().as_deref() == Some("cgroup") {
-            // Offer every host controller: the image only asks for those the runtime
-            // bind-mounted at dump time (runc and libcontainer both bind them, with or
-            // without a cgroup namespace), and CRIU ignores the rest.
+            // Offer every host hierarchy, at the same place below the container's cgroup mount
+            // as below the host's: the image only asks for those that were binds of host
+            // cgroup directories at dump time (no cgroup namespace; and images of cryo before
+            // it left namespaced cgroup mounts to CRIU), and CRIU ignores the rest.
+            let rel = facts
+                .cgroup_path
+                .strip_prefix("/")
+                .unwrap_or(&facts.cgroup_path);
             for host in &facts.host_cgroup_mounts {
-                let Some(name) = host.file_name() else {
+                let Ok(below) = host.strip_prefix(CGROUP_ROOT) else {
                     continue;
                 };
-                let rel = facts
-                    .cgroup_path
-                    .strip_prefix("/")
-                    .unwrap_or(&facts.cgroup_path);
-                add(
-                    Path::new(&dest).join(name).to_string_lossy().to_string(),
-                    host.join(rel).to_string_lossy().to_string(),
-                );
+                add(join_below(Path::new(&dest), below), join_below(host, rel));
             }
         }
     }
@@ -264,6 +285,15 @@ pub fn empty_ns_mask(values: &[String]) -> Result<u32, PlanError> {
         }
     }
     Ok(CLONE_NEWNET)
+}
+
+/// `base/below` without the trailing `/` that joining an empty path gives.
+fn join_below(base: &Path, below: &Path) -> String {
+    if below.as_os_str().is_empty() {
+        base.to_string_lossy().into_owned()
+    } else {
+        base.join(below).to_string_lossy().into_owned()
+    }
 }
 
 fn is_bind(m: &oci_spec::runtime::Mount) -> bool {

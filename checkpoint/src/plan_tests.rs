@@ -40,8 +40,11 @@ fn dump_plan_makes_binds_masks_devices_cgroups_and_netns_external() {
         masked_files: vec!["/proc/kcore".into()],
         ns_inodes: vec![(LinuxNamespaceType::Network, 4026532000)],
         freeze_cgroup: Some("/sys/fs/cgroup/freezer/cryo/c1".into()),
+        own_cgroup_ns: false,
+        cgroup_hierarchies: vec!["freezer".into(), "cpu,cpuacct".into()],
     };
     let plan = dump_plan(&spec(SPEC), &facts, &[]).unwrap();
+    assert_eq!(plan.cgroup_dump_controllers, ["freezer", "cpu,cpuacct"]);
     let keys: Vec<(&str, &str)> = plan
         .ext_mounts
         .iter()
@@ -117,6 +120,109 @@ fn restore_plan_maps_sources_stdio_and_namespaces() {
         plan.join_ns,
         vec![("ipc".to_string(), PathBuf::from("/proc/7/ns/ipc"))]
     );
+}
+
+fn cgroup_mount(mount_point: &str, root: &str, fstype: &str) -> ContainerMount {
+    ContainerMount {
+        mount_point: mount_point.into(),
+        root: root.into(),
+        fstype: fstype.into(),
+    }
+}
+
+#[test]
+fn cgroup_mounts_of_a_container_with_its_own_cgroup_namespace_stay_with_criu() {
+    // What cryo reads in the mountinfo of a container with a cgroup namespace: the roots are
+    // shown relative to cryo's namespace, so they look like binds; CRIU dumps them as real
+    // mounts and mounts them afresh at restore (runc leaves them to CRIU the same way).
+    let pure_v2 = vec![cgroup_mount("/sys/fs/cgroup", "/cryo/c1", "cgroup2")];
+    let hybrid = vec![
+        cgroup_mount("/sys/fs/cgroup/cpu", "/cryo/c1", "cgroup"),
+        cgroup_mount("/sys/fs/cgroup/freezer", "/cryo/c1", "cgroup"),
+    ];
+    for mounts in [pure_v2, hybrid] {
+        let own_ns = DumpFacts {
+            mounts: mounts.clone(),
+            own_cgroup_ns: true,
+            ..Default::default()
+        };
+        let plan = dump_plan(&spec(SPEC), &own_ns, &[]).unwrap();
+        assert!(
+            plan.ext_mounts
+                .iter()
+                .all(|m| !m.key.starts_with("/sys/fs/cgroup")),
+            "{:?}",
+            plan.ext_mounts
+        );
+        // Without a namespace of its own those mounts are binds of host cgroup directories.
+        let shared_ns = DumpFacts {
+            mounts: mounts.clone(),
+            ..Default::default()
+        };
+        let plan = dump_plan(&spec(SPEC), &shared_ns, &[]).unwrap();
+        for m in &mounts {
+            assert!(
+                plan.ext_mounts
+                    .iter()
+                    .any(|e| e.key == m.mount_point && e.val == m.mount_point),
+                "{} missing in {:?}",
+                m.mount_point,
+                plan.ext_mounts
+            );
+        }
+    }
+    // A cgroup2 mount of the whole hierarchy (cgroup v2, no cgroup namespace) is CRIU's.
+    let whole = DumpFacts {
+        mounts: vec![cgroup_mount("/sys/fs/cgroup", "/", "cgroup2")],
+        ..Default::default()
+    };
+    let plan = dump_plan(&spec(SPEC), &whole, &[]).unwrap();
+    assert!(plan.ext_mounts.iter().all(|m| m.key != "/sys/fs/cgroup"));
+}
+
+#[test]
+fn restore_offers_each_host_cgroup_hierarchy_where_the_container_sees_it() {
+    let mapping = |host_cgroup_mounts: Vec<PathBuf>| {
+        let facts = RestoreFacts {
+            host_cgroup_mounts,
+            cgroup_path: "/cryo/c2".into(),
+            ..Default::default()
+        };
+        let plan = restore_plan(&spec(SPEC), &facts, &[], &[]).unwrap();
+        plan.ext_mounts
+            .into_iter()
+            .filter(|m| m.key.starts_with("/sys/fs/cgroup"))
+            .map(|m| (m.key, m.val))
+            .collect::<Vec<_>>()
+    };
+    // Pure cgroup v2: the hierarchy is /sys/fs/cgroup itself (no trailing "/": CRIU matches
+    // the key exactly).
+    assert_eq!(
+        mapping(vec!["/sys/fs/cgroup".into()]),
+        vec![(
+            "/sys/fs/cgroup".to_string(),
+            "/sys/fs/cgroup/cryo/c2".to_string()
+        )]
+    );
+    // Hybrid: each v1 controller and the unified mount below it.
+    assert_eq!(
+        mapping(vec![
+            "/sys/fs/cgroup/freezer".into(),
+            "/sys/fs/cgroup/unified".into()
+        ]),
+        vec![
+            (
+                "/sys/fs/cgroup/freezer".to_string(),
+                "/sys/fs/cgroup/freezer/cryo/c2".to_string()
+            ),
+            (
+                "/sys/fs/cgroup/unified".to_string(),
+                "/sys/fs/cgroup/unified/cryo/c2".to_string()
+            ),
+        ]
+    );
+    // A cgroup hierarchy mounted elsewhere is not the container's to see.
+    assert_eq!(mapping(vec!["/mnt/cgroup".into()]), vec![]);
 }
 
 #[test]

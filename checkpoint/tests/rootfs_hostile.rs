@@ -8,7 +8,10 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use cryo_checkpoint::rootfs::{apply_changeset, compress_zstd, ApplyPolicy, RootfsError};
+use cryo_checkpoint::rootfs::{
+    apply_changeset, compress_zstd, ApplyPolicy, ChangesetSizes, DeviceKind, DeviceNode,
+    RootfsError, UndoLocation,
+};
 use cryo_tests::tree_digest::{diff_trees, tree_digest};
 use tar::{EntryType, Header};
 
@@ -29,7 +32,9 @@ struct E {
     ty: EntryType,
     link: Option<&'static str>,
     data: Vec<u8>,
-    pax: Vec<(&'static str, &'static [u8])>,
+    pax: Vec<(String, Vec<u8>)>,
+    /// Device numbers of a char or block entry.
+    device: Option<(u32, u32)>,
 }
 
 fn e(name: &str, ty: EntryType) -> E {
@@ -40,6 +45,7 @@ fn e(name: &str, ty: EntryType) -> E {
         link: None,
         data: Vec::new(),
         pax: Vec::new(),
+        device: None,
     }
 }
 
@@ -57,12 +63,14 @@ fn link(name: &str, ty: EntryType, target: &'static str) -> E {
     }
 }
 
-/// Write `entries` as a tar; names longer than 100 bytes go in a GNU long-name entry.
+/// Write `entries` as a tar; names and link targets longer than 100 bytes go in GNU
+/// long-name and long-link entries.
 fn archive(path: &Path, entries: &[E]) {
     let mut b = tar::Builder::new(fs::File::create(path).unwrap());
     for x in entries {
         if !x.pax.is_empty() {
-            b.append_pax_extensions(x.pax.iter().copied()).unwrap();
+            let recs = x.pax.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+            b.append_pax_extensions(recs).unwrap();
         }
         if x.name.len() > 100 {
             let mut l = Header::new_gnu();
@@ -73,6 +81,16 @@ fn archive(path: &Path, entries: &[E]) {
             let mut n = x.name.clone();
             n.push(0);
             b.append(&l, &n[..]).unwrap();
+        }
+        if let Some(l) = x.link.filter(|l| l.len() > 100) {
+            let mut k = Header::new_gnu();
+            k.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+            k.set_entry_type(EntryType::GNULongLink);
+            k.set_size(l.len() as u64 + 1);
+            k.set_cksum();
+            let mut n = l.as_bytes().to_vec();
+            n.push(0);
+            b.append(&k, &n[..]).unwrap();
         }
         let mut h = Header::new_gnu();
         let len = x.name.len().min(100);
@@ -89,8 +107,12 @@ fn archive(path: &Path, entries: &[E]) {
             h.set_gid(0);
             h.set_mtime(1_700_000_000);
         }
-        if let Some(l) = x.link {
+        if let Some(l) = x.link.filter(|l| l.len() <= 100) {
             h.set_link_name(l).unwrap();
+        }
+        if let Some((major, minor)) = x.device {
+            h.set_device_major(major).unwrap();
+            h.set_device_minor(minor).unwrap();
         }
         h.set_cksum();
         b.append(&h, &x.data[..]).unwrap();
@@ -140,7 +162,9 @@ fn refused(entries: Vec<E>, entry: &str, why: &str) {
 
 fn refused_archive(t: &Target, a: &Path, policy: &ApplyPolicy, entry: &str, why: &str) {
     let before = tree_digest(&t.root);
-    let err = apply_changeset(a, &t.root, policy).unwrap_err();
+    let err = apply_changeset(a, &t.root, policy, &UndoLocation::default())
+        .err()
+        .expect("refused");
     let msg = err.to_string();
     assert!(matches!(err, RootfsError::Refused { .. }), "{msg}");
     assert!(
@@ -155,6 +179,56 @@ fn refused_archive(t: &Target, a: &Path, policy: &ApplyPolicy, entry: &str, why:
         "wrote outside"
     );
     assert!(!Path::new("/etc/cryo-evil").exists());
+}
+
+/// A regular entry in GNU tar's PAX sparse 0.1 format: `data` holds the extents of `map`.
+fn pax_sparse(name: &str, size: u64, map: &[(u64, u64)], data: &[u8]) -> E {
+    let text: Vec<String> = map.iter().map(|(o, l)| format!("{o},{l}")).collect();
+    E {
+        pax: vec![
+            ("GNU.sparse.size".into(), size.to_string().into_bytes()),
+            (
+                "GNU.sparse.numblocks".into(),
+                map.len().to_string().into_bytes(),
+            ),
+            ("GNU.sparse.map".into(), text.join(",").into_bytes()),
+        ],
+        ..file(name, data)
+    }
+}
+
+/// An archive with one old-GNU sparse entry (type `S`, as format-1 images hold them): at
+/// most 4 extents, in the header.
+fn legacy_sparse_archive(path: &Path, name: &str, size: u64, map: &[(u64, u64)], data: &[u8]) {
+    let mut b = tar::Builder::new(fs::File::create(path).unwrap());
+    let mut h = Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_entry_type(EntryType::GNUSparse);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h.set_size(data.len() as u64);
+    let g = h.as_gnu_mut().unwrap();
+    for (slot, (off, len)) in g.sparse.iter_mut().zip(map) {
+        slot.set_offset(*off);
+        slot.set_length(*len);
+    }
+    g.set_real_size(size);
+    h.set_cksum();
+    b.append(&h, data).unwrap();
+    b.finish().unwrap();
+}
+
+/// Run `f` on another thread and fail if it is still busy after `secs`: a hang guard for
+/// work that used to take hours, not a timing measurement.
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what}: still busy after {secs} s"))
 }
 
 /// Test names carry `rootfs::` so `cargo test -p cryo-checkpoint rootfs` selects them.
@@ -228,16 +302,58 @@ mod rootfs {
         );
     }
 
+    /// A block device like the host's first disk, or a char device the spec does not list,
+    /// is refused whatever the image says; one the spec lists is made.
     #[test]
-    fn device_nodes_not_recorded_at_checkpoint_are_refused() {
+    fn device_nodes_the_runtime_would_not_create_are_refused() {
         require_root();
         let t = target();
         let a = t.dir.join("a.tar");
-        archive(&a, &[e("dev/sda", EntryType::Block)]);
-        let policy = ApplyPolicy {
-            allowed_devices: vec!["dev/null".into()],
-        };
-        refused_archive(&t, &a, &policy, "dev/sda", "device node not recorded");
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]}
+        }))
+        .unwrap();
+        let policy = ApplyPolicy::for_spec(&spec);
+        let mut sda = e("dev/sda", EntryType::Block);
+        sda.device = Some((8, 0));
+        archive(&a, &[sda]);
+        refused_archive(
+            &t,
+            &a,
+            &policy,
+            "dev/sda",
+            "b 8:0 is not one the runtime creates",
+        );
+        let mut mem = e("dev/mem", EntryType::Char);
+        mem.device = Some((1, 1));
+        archive(&a, &[file("harmless", b"x"), mem]);
+        refused_archive(
+            &t,
+            &a,
+            &policy,
+            "dev/mem",
+            "c 1:1 is not one the runtime creates",
+        );
+        // The same numbers as a char device the spec lists, but a block device.
+        let mut fuse_b = e("dev/fuse", EntryType::Block);
+        fuse_b.device = Some((10, 229));
+        archive(&a, &[fuse_b]);
+        refused_archive(&t, &a, &policy, "dev/fuse", "b 10:229");
+        let mut fuse = e("dev/fuse", EntryType::Char);
+        fuse.device = Some((10, 229));
+        archive(&a, &[fuse]);
+        apply_changeset(&a, &t.root, &policy, &UndoLocation::default())
+            .unwrap()
+            .commit()
+            .unwrap();
+        let st = fs::symlink_metadata(t.root.join("dev/fuse")).unwrap();
+        assert_eq!(st.rdev(), nix::sys::stat::makedev(10, 229));
+        assert!(ApplyPolicy::for_spec(&spec).allows(&DeviceNode {
+            kind: DeviceKind::Char,
+            major: 10,
+            minor: 229
+        }));
     }
 
     #[test]
@@ -252,7 +368,7 @@ mod rootfs {
         nul.name = format!("{}\0/etc/passwd", "n".repeat(110)).into_bytes();
         refused(vec![nul], "nnn", "NUL byte");
         let mut opaque = e("d", EntryType::Directory);
-        opaque.pax = vec![("SCHILY.xattr.trusted.overlay.opaque", b"y")];
+        opaque.pax = vec![("SCHILY.xattr.trusted.overlay.opaque".into(), b"y".to_vec())];
         refused(vec![opaque], "d", "overlay-private xattr");
         refused(vec![file("d/.wh...", b"")], "d/.wh...", "invalid name");
         let mut blank = file("blank", b"x");
@@ -299,7 +415,15 @@ mod rootfs {
                 link("h", EntryType::Link, "etc/keep"),
             ],
         );
-        apply_changeset(&a, &t.root, &ApplyPolicy::default()).unwrap();
+        apply_changeset(
+            &a,
+            &t.root,
+            &ApplyPolicy::default(),
+            &UndoLocation::default(),
+        )
+        .unwrap()
+        .commit()
+        .unwrap();
         assert_eq!(fs::read(t.root.join("etc/cryo-new")).unwrap(), b"inside");
         assert!(
             !Path::new("/etc/cryo-new").exists(),
@@ -311,5 +435,220 @@ mod rootfs {
         );
         assert_eq!(k.ino(), h.ino());
         assert_eq!(fs::read_dir(&t.outside).unwrap().count(), 0);
+    }
+
+    /// The kernel's limits are checked before anything is written (a 4096-byte name used to
+    /// fail midway through the apply, leaving the entries before it applied).
+    #[test]
+    fn names_and_paths_beyond_the_kernels_limits_are_refused() {
+        require_root();
+        let n256 = format!("d/{}", "n".repeat(256));
+        refused(
+            vec![file(&n256, b"x")],
+            "nnnn",
+            "path component of 256 bytes",
+        );
+        let n4096 = "n".repeat(4096);
+        refused(
+            vec![file(&n4096, b"x")],
+            "nnnn",
+            "path component of 4096 bytes",
+        );
+        let deep = format!("{}/f", vec!["d".repeat(200); 21].join("/"));
+        refused(vec![file(&deep, b"x")], "dddd", "a path of 4223 bytes");
+        let long: &'static str = Box::leak("t".repeat(4096).into_boxed_str());
+        refused(
+            vec![link("s", EntryType::Symlink, long)],
+            "s",
+            "symlink target of 4096 bytes",
+        );
+        let mut big = file("x", b"");
+        big.pax = vec![("SCHILY.xattr.user.big".into(), vec![0u8; 70_000])];
+        refused(vec![big], "x", "xattr user.big of 70000 bytes");
+        // At the limits: applied.
+        let t = target();
+        let a = t.dir.join("a.tar");
+        let n255 = format!("d/{}", "n".repeat(255));
+        let deep = format!("{}/f", vec!["d".repeat(200); 20].join("/"));
+        archive(&a, &[file(&n255, b"ok"), file(&deep, b"ok")]);
+        apply_changeset(
+            &a,
+            &t.root,
+            &ApplyPolicy::default(),
+            &UndoLocation::default(),
+        )
+        .unwrap()
+        .commit()
+        .unwrap();
+        assert_eq!(fs::read(t.root.join(&n255)).unwrap(), b"ok");
+    }
+
+    /// No entry, hard link or target symlink reaches cryo's undo directory.
+    #[test]
+    fn cryos_undo_directory_is_out_of_reach() {
+        require_root();
+        let undo = UndoLocation::DEFAULT_NAME;
+        let inside = format!("{undo}/journal");
+        refused(vec![file(&inside, b"x")], &inside, "undo directory");
+        refused(vec![e(undo, EntryType::Directory)], undo, "undo directory");
+        let to: &'static str = Box::leak(inside.clone().into_boxed_str());
+        refused(vec![link("h", EntryType::Link, to)], "h", "undo directory");
+        let t = target();
+        std::os::unix::fs::symlink(format!("/{undo}"), t.root.join("into-undo")).unwrap();
+        let a = t.dir.join("a.tar");
+        archive(&a, &[file("into-undo/x", b"x")]);
+        let p = ApplyPolicy::default();
+        refused_archive(&t, &a, &p, "into-undo/x", "undo directory");
+    }
+
+    /// An archive may not declare more than the capture recorded.
+    #[test]
+    fn sizes_beyond_the_capture_record_are_refused() {
+        require_root();
+        let t = target();
+        let a = t.dir.join("a.tar");
+        archive(
+            &a,
+            &[
+                file("a", &[1u8; 100]),
+                pax_sparse("s", 1 << 30, &[(0, 10)], &[2u8; 10]),
+            ],
+        );
+        let recorded = |data_bytes, logical_bytes| {
+            ApplyPolicy::default().with_declared_sizes(ChangesetSizes {
+                data_bytes,
+                logical_bytes,
+            })
+        };
+        let p = recorded(50, 1 << 31);
+        refused_archive(&t, &a, &p, "a", "more file data than the capture recorded");
+        let p = recorded(110, 1000);
+        refused_archive(&t, &a, &p, "s", "larger than the capture recorded");
+        apply_changeset(
+            &a,
+            &t.root,
+            &recorded(110, (1 << 30) + 100),
+            &UndoLocation::default(),
+        )
+        .unwrap()
+        .commit()
+        .unwrap();
+    }
+
+    /// A small archive declaring a huge sparse file costs its extents, not its size: 1 TiB
+    /// with 10 bytes at the end is applied sparse; 1 PiB (beyond ext4's largest file) fails
+    /// at its length and is rolled back; with the capture's record it is refused outright.
+    #[test]
+    fn huge_sparse_files_cost_their_extents_not_their_size() {
+        require_root();
+        const TIB: u64 = 1 << 40;
+        const PIB: u64 = 1 << 50;
+        let t = target();
+        let (root, a) = (t.root.clone(), t.dir.join("a.tar"));
+        archive(
+            &a,
+            &[pax_sparse("big", TIB, &[(TIB - 10, 10)], b"0123456789")],
+        );
+        assert!(fs::metadata(&a).unwrap().len() < 8192);
+        let (r, ar) = (root.clone(), a.clone());
+        within(120, "1 TiB sparse file", move || {
+            apply_changeset(&ar, &r, &ApplyPolicy::default(), &UndoLocation::default())
+                .unwrap()
+                .commit()
+                .unwrap()
+        });
+        let md = fs::metadata(root.join("big")).unwrap();
+        assert_eq!(md.len(), TIB);
+        assert!(md.blocks() < 64, "{} blocks", md.blocks());
+        let mut tail = [0u8; 10];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &fs::File::open(root.join("big")).unwrap(),
+            &mut tail,
+            TIB - 10,
+        )
+        .unwrap();
+        assert_eq!(&tail, b"0123456789");
+
+        archive(
+            &a,
+            &[
+                file("first", b"1"),
+                pax_sparse("huge", PIB, &[(0, 5), (PIB, 0)], b"hello"),
+            ],
+        );
+        let before = tree_digest(&root);
+        let (r, ar) = (root.clone(), a.clone());
+        let e = within(120, "1 PiB sparse file", move || {
+            apply_changeset(&ar, &r, &ApplyPolicy::default(), &UndoLocation::default())
+                .err()
+                .unwrap()
+        });
+        assert!(matches!(e, RootfsError::Apply { .. }), "{e}");
+        assert!(e.to_string().contains("File too large"), "{e}");
+        assert!(diff_trees(&before, &tree_digest(&root)).is_empty());
+        let p = ApplyPolicy::default().with_declared_sizes(ChangesetSizes {
+            data_bytes: 6,
+            logical_bytes: 6,
+        });
+        refused_archive(&t, &a, &p, "huge", "larger than the capture recorded");
+    }
+
+    /// Sparse maps are checked before anything is written.
+    #[test]
+    fn bad_sparse_maps_are_refused() {
+        require_root();
+        refused(
+            vec![pax_sparse("s", 100, &[(50, 10), (0, 10)], &[1u8; 20])],
+            "s",
+            "precedes",
+        );
+        refused(
+            vec![pax_sparse("s", 100, &[(95, 10)], &[1u8; 10])],
+            "s",
+            "past the file's size",
+        );
+        refused(
+            vec![pax_sparse("s", 100, &[(0, 10)], &[1u8; 20])],
+            "s",
+            "entry holds 20",
+        );
+    }
+
+    /// Old-GNU sparse entries (format-1 images): refused unless the image is declared of
+    /// that format; then applied, and bounded.
+    #[test]
+    fn old_gnu_sparse_entries_only_for_format_1_and_bounded() {
+        require_root();
+        let t = target();
+        let a = t.dir.join("a.tar");
+        let mut data = vec![b'a'; 512];
+        data.extend_from_slice(&[b'b'; 512]);
+        let map = [(0, 512), (512 * 1024, 512), (1 << 20, 0)];
+        legacy_sparse_archive(&a, "old", 1 << 20, &map, &data);
+        refused_archive(
+            &t,
+            &a,
+            &ApplyPolicy::default(),
+            "old",
+            "old-GNU sparse entry",
+        );
+        let legacy = ApplyPolicy::default().with_legacy_sparse(true);
+        apply_changeset(&a, &t.root, &legacy, &UndoLocation::default())
+            .unwrap()
+            .commit()
+            .unwrap();
+        let got = fs::read(t.root.join("old")).unwrap();
+        assert_eq!(got.len(), 1 << 20);
+        assert!(got[..512].iter().all(|b| *b == b'a'));
+        assert!(got[512..512 * 1024].iter().all(|b| *b == 0));
+        assert!(got[512 * 1024..512 * 1025].iter().all(|b| *b == b'b'));
+        const PIB: u64 = 1 << 50;
+        legacy_sparse_archive(&a, "old2", PIB, &[(0, 512), (PIB, 0)], &[b'c'; 512]);
+        let p = legacy.clone();
+        let t2 = within(120, "old-GNU 1 PiB", move || {
+            refused_archive(&t, &a, &p, "old2", "may declare at most");
+            t
+        });
+        drop(t2);
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod atomic;
 pub mod bundle;
+pub mod fsutil;
 pub mod state;
 pub mod transitions;
 

@@ -8,6 +8,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use nix::fcntl::{Flock, FlockArg};
@@ -75,6 +76,16 @@ pub enum StateError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Another process holds the container's lock for too long.
+    #[error("container {id} is busy: after {waited:?} its lock is still held by {holder}")]
+    Busy {
+        /// The container.
+        id: String,
+        /// How long we waited.
+        waited: Duration,
+        /// Who holds it.
+        holder: String,
+    },
     /// The record is unreadable.
     #[error("container record {path} is corrupt ({reason}); `cryo delete --force` removes it")]
     Corrupt {
@@ -106,10 +117,100 @@ pub struct StoreLock {
     container_dir: PathBuf,
 }
 
+impl std::os::fd::AsFd for StoreLock {
+    /// The locked file (handed to cryo's guardian, which holds the lock while it lives).
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self._guard.as_fd()
+    }
+}
+
 impl StoreLock {
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// How long a verb waits for a container's lock: `CRYO_LOCK_TIMEOUT` seconds, default 60.
+pub fn lock_timeout() -> Duration {
+    std::env::var("CRYO_LOCK_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(60))
+}
+
+/// Lock the file at `path` exclusively, blocking; re-locks when the holder unlinked it.
+fn lock_file(path: &Path) -> Result<Flock<File>, StateError> {
+    loop {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| StateError::Io {
+                step: "open lock",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let guard =
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| StateError::Io {
+                step: "lock",
+                path: path.to_path_buf(),
+                source: errno.into(),
+            })?;
+        // If the previous holder unlinked the file while we waited, this flock guards
+        // nothing: let it go (without Drop's unlink, the path may be a newer file) and retry.
+        if is_file_at(&guard, path) {
+            return Ok(guard);
+        }
+    }
+}
+
+/// Note in the lock file who holds it: the pid, since when, the command.
+fn write_holder(file: &File) {
+    use std::io::Write;
+    let cmd = fs::read("/proc/self/cmdline")
+        .map(|c| {
+            c.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    let line = format!(
+        "{} {} {}\n",
+        std::process::id(),
+        Utc::now().timestamp(),
+        cmd
+    );
+    let mut f = file;
+    let _ = f.set_len(0);
+    let _ = std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0));
+    let _ = f.write_all(line.as_bytes());
+}
+
+/// Who holds the lock at `path`, in words.
+fn describe_holder(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let mut parts = text.trim().splitn(3, ' ');
+    let (Some(pid), Some(since), cmd) = (parts.next(), parts.next(), parts.next()) else {
+        return "another cryo process".into();
+    };
+    let held = since
+        .parse::<i64>()
+        .map(|t| format!(" for {} s", (Utc::now().timestamp() - t).max(0)))
+        .unwrap_or_default();
+    let cmd = cmd.unwrap_or("cryo");
+    if Path::new(&format!("/proc/{pid}")).exists() {
+        format!("`{cmd}` (pid {pid}), which has held it{held}; wait for it to finish or stop it (kill {pid})")
+    } else {
+        format!(
+            "the guardian of `{cmd}` (pid {pid}, gone), which is undoing what it left{held}; wait for it"
+        )
     }
 }
 
@@ -147,41 +248,42 @@ impl StateStore {
         self.root.join(id)
     }
 
-    /// Take the per-container lock; blocks while another cryo process acts on the same id.
-    /// Refuses an id that is not a plain name.
+    /// Take the per-container lock, waiting while another cryo process acts on the same id,
+    /// but not for longer than [`lock_timeout`]: then the error says who holds it. Refuses an
+    /// id that is not a plain name.
     pub fn lock(&self, id: &str) -> Result<StoreLock, StateError> {
+        self.lock_within(id, lock_timeout())
+    }
+
+    /// [`StateStore::lock`] with an explicit limit on the wait.
+    pub fn lock_within(&self, id: &str, timeout: Duration) -> Result<StoreLock, StateError> {
         validate_id(id)?;
         let dir = self.root.join(LOCK_DIR);
         create_private_dir(&dir)?;
         let path = dir.join(id);
-        loop {
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|source| StateError::Io {
-                    step: "open lock",
-                    path: path.clone(),
-                    source,
-                })?;
-            let guard = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
-                StateError::Io {
-                    step: "lock",
-                    path: path.clone(),
-                    source: errno.into(),
-                }
-            })?;
-            // If the previous holder unlinked the file while we waited, this flock guards
-            // nothing: let it go (without Drop's unlink, the path may be a newer file) and retry.
-            if is_file_at(&guard, &path) {
-                return Ok(StoreLock {
-                    _guard: guard,
-                    path,
-                    container_dir: self.container_dir(id),
-                });
+        // The flock blocks in a thread of its own (the kernel queues waiters fairly); if the
+        // wait runs out, the thread is left to drop a lock it may still get.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(lock_file(&p));
+        });
+        let guard = match rx.recv_timeout(timeout) {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(StateError::Busy {
+                    id: id.to_string(),
+                    waited: timeout,
+                    holder: describe_holder(&path),
+                })
             }
-        }
+        };
+        write_holder(&guard);
+        Ok(StoreLock {
+            _guard: guard,
+            path,
+            container_dir: self.container_dir(id),
+        })
     }
 
     /// Whether libcontainer has a state for `id`.
@@ -342,6 +444,27 @@ mod tests {
             .unwrap()
             .lines()
             .any(|l| l.contains("->") && l.contains("FLOCK") && l.contains(&inode))
+    }
+
+    #[test]
+    fn a_busy_lock_times_out_naming_its_holder() {
+        let (store, root) = fresh_store("busy");
+        let held = store.lock("c1").unwrap();
+        let start = std::time::Instant::now();
+        let e = store
+            .lock_within("c1", Duration::from_millis(200))
+            .unwrap_err()
+            .to_string();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let me = std::process::id().to_string();
+        assert!(
+            e.contains("container c1 is busy") && e.contains(&me) && e.contains("kill"),
+            "{e}"
+        );
+        drop(held);
+        // Free again: taken at once.
+        drop(store.lock_within("c1", Duration::from_millis(200)).unwrap());
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -41,3 +41,15 @@ e2e_pid_alive() {
   comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
   [ "$comm" = "$name" ]
 }
+
+# e2e_cgroup_controller NAME: containers here can use controller NAME (a mounted v1 hierarchy
+# carries it, or the cgroup2 root offers it). A pure cgroup v2 host as scripts/pure-v2 emulates
+# it on a hybrid machine offers none: the v1 hierarchies keep them.
+e2e_cgroup_controller() {
+  local name=$1
+  if [ "$(stat -f -c %T /sys/fs/cgroup)" = cgroup2fs ]; then
+    grep -qw "$name" /sys/fs/cgroup/cgroup.controllers
+  else
+    findmnt -rn -t cgroup -o OPTIONS | tr ',' '\n' | grep -qx "$name"
+  fi
+}

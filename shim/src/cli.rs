@@ -23,9 +23,16 @@ pub struct Cli {
     /// Accepted for compatibility; this runtime drives cgroupfs.
     #[arg(long = "systemd-cgroup", global = true)]
     pub systemd_cgroup: bool,
-    /// Accepted for compatibility with old callers; CRIU is looked up in PATH.
+    /// The CRIU binary to run (default: `criu` on PATH).
     #[arg(long, global = true)]
     pub criu: Option<PathBuf>,
+    /// GPU containers: NVIDIA's cuda-checkpoint (default: $CRYO_CUDA_CHECKPOINT, else PATH).
+    #[arg(long = "cuda-checkpoint", global = true)]
+    pub cuda_checkpoint: Option<PathBuf>,
+    /// GPU containers: the directory holding CRIU's cuda_plugin.so (default:
+    /// $CRYO_CRIU_PLUGIN_DIR, else /opt/cryo/criu/plugins, /usr/lib/criu, /usr/local/lib/criu).
+    #[arg(long = "criu-plugin-dir", global = true)]
+    pub criu_plugin_dir: Option<PathBuf>,
     /// Accepted for compatibility (runc's rootless detection).
     #[arg(long, global = true)]
     pub rootless: Option<String>,
@@ -84,6 +91,11 @@ pub enum Command {
     Checkpoint(CheckpointArgs),
     /// Restore a container from a checkpoint.
     Restore(RestoreArgs),
+    /// Verify a checkpoint image without restoring it (cryo only).
+    Verify(VerifyArgs),
+    /// cryo's guardian process (started by checkpoint and restore; not for users).
+    #[command(name = "__guardian", hide = true)]
+    Guardian,
 }
 
 /// Just a container id.
@@ -382,6 +394,13 @@ pub struct CheckpointArgs {
     /// iptables, nftables or skip.
     #[arg(long = "network-lock")]
     pub network_lock: Option<String>,
+    /// Longest the container may stay frozen, in seconds (default: 30 + 10 per GiB of its
+    /// memory); past it CRIU is stopped and the container thawed (cryo only).
+    #[arg(long = "freeze-timeout", value_name = "SECONDS")]
+    pub freeze_timeout: Option<u64>,
+    /// Longest CRIU may work, in seconds; past it CRIU is stopped (cryo only).
+    #[arg(long = "criu-timeout", value_name = "SECONDS", default_value_t = 600)]
+    pub criu_timeout: u64,
     /// Container id.
     pub container_id: String,
 }
@@ -455,6 +474,21 @@ pub struct RestoreArgs {
     /// iptables, nftables or skip.
     #[arg(long = "network-lock")]
     pub network_lock: Option<String>,
+    /// Longest CRIU may work, in seconds; past it CRIU is stopped and the restore undone
+    /// (cryo only).
+    #[arg(long = "criu-timeout", value_name = "SECONDS", default_value_t = 600)]
+    pub criu_timeout: u64,
     /// Container id.
     pub container_id: String,
+}
+
+/// `verify`
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The checkpoint to verify (default ./checkpoint).
+    #[arg(long = "image-path")]
+    pub image_path: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long = "format", default_value = "text")]
+    pub format: String,
 }

@@ -41,7 +41,13 @@ pub fn init(log: Option<&Path>, format: LogFormat, debug: bool) {
             .create(true)
             .append(true)
             .open(p)
-            .map_err(|e| eprintln!("cryo: cannot open log file {}: {e}", p.display()))
+            .map_err(|e| {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "cryo: cannot open log file {}: {e}",
+                    p.display()
+                );
+            })
             .ok()
             .and_then(|f| set_aside(f.as_raw_fd()))
     });
@@ -151,7 +157,7 @@ fn line(format: LogFormat, level: &str, msg: &str) -> String {
 pub fn log(level: &str, msg: &str) {
     let Ok(mut guard) = SINK.lock() else { return };
     let Some(sink) = guard.as_mut() else {
-        eprintln!("{}", line(LogFormat::Text, level, msg));
+        let _ = writeln!(std::io::stderr(), "{}", line(LogFormat::Text, level, msg));
         return;
     };
     if level == "debug" && !sink.debug {
@@ -162,7 +168,10 @@ pub fn log(level: &str, msg: &str) {
         Some(f) => {
             let _ = writeln!(f, "{text}");
         }
-        None => eprintln!("{text}"),
+        // A closed stderr must not end cryo (eprintln! would panic).
+        None => {
+            let _ = writeln!(std::io::stderr(), "{text}");
+        }
     }
 }
 
@@ -170,7 +179,7 @@ pub fn log(level: &str, msg: &str) {
 /// to stderr, which is where podman and humans look for it.
 pub fn fatal(msg: &str) {
     log("error", msg);
-    eprintln!("cryo: {msg}");
+    let _ = writeln!(std::io::stderr(), "cryo: {msg}");
 }
 
 #[cfg(test)]

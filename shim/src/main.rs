@@ -45,6 +45,13 @@ fn main() {
     let ctx = Context {
         store: cryo_oci::StateStore::new(&cli.root),
         root: cli.root.clone(),
+        criu: cli.criu.clone().unwrap_or_else(|| "criu".into()),
+        log: cli.log.clone(),
+        log_format: cli.log_format,
+        gpu: cryo_checkpoint::gpu::GpuLookup::system(
+            cli.cuda_checkpoint.clone(),
+            cli.criu_plugin_dir.clone(),
+        ),
     };
     // runc's rule: exec's own failures exit 255, apart from any status of the process.
     let failure_code = if matches!(command, Command::Exec(_)) {
@@ -66,10 +73,12 @@ fn main() {
         Command::Resume(a) => commands::lifecycle::resume(&ctx, &a.container_id),
         Command::Events(a) => commands::info::events(&ctx, &a),
         Command::Update(a) => commands::info::update(&ctx, &a),
-        Command::Features => commands::info::features(),
+        Command::Features => commands::info::features(&ctx),
         Command::Spec(a) => commands::spec::spec(&a),
         Command::Checkpoint(a) => commands::checkpoint::checkpoint(&ctx, &a),
         Command::Restore(a) => commands::restore::restore(&ctx, &a),
+        Command::Verify(a) => commands::verify::verify(&a),
+        Command::Guardian => commands::guardian::run(&ctx),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -8,7 +8,10 @@
 # NAME=PATH give one column each (e.g. runc=/usr/sbin/runc cryo=/usr/local/bin/cryo).
 # Installs the clients if missing, starts containerd + dockerd (and stops them again at the end if
 # this run started them; CRYO_E2E_KEEP_DAEMONS=1 keeps them), imports the test image.
-# Env: CLIENTS (default "podman containerd docker"), RESULTS_TSV (default $CRYO_E2E_DIR/results.tsv).
+# Env: CLIENTS (default "podman containerd cryo-shim docker"), RESULTS_TSV (default
+# $CRYO_E2E_DIR/results.tsv), CRYO_SHIM (containerd-shim-cryo-v1 for the cryo-shim flows; default:
+# the one beside the runtime's binary). cryo-shim flows run for every runtime but runc (cryo's
+# shim drives cryo): runc's column shows "-" for them.
 # Exit status: 0 when every flow gave its expected result, 1 otherwise.
 set -euo pipefail
 
@@ -29,7 +32,7 @@ if [ ${#runtimes[@]} -eq 0 ]; then
     runtimes=(runc=/usr/sbin/runc)
   fi
 fi
-read -r -a clients <<<"${CLIENTS:-podman containerd docker}"
+read -r -a clients <<<"${CLIENTS:-podman containerd cryo-shim docker}"
 RESULTS_TSV=${RESULTS_TSV:-$E2E_DIR/results.tsv}
 export RESULTS_TSV
 
@@ -52,6 +55,18 @@ for rt in "${runtimes[@]}"; do
   for client in "${clients[@]}"; do
     script=$here/$client.sh
     [ -f "$script" ] || e2e_die "no flows for client '$client' ($script)"
+    if [ "$client" = cryo-shim ]; then
+      if [ "$(basename "$(readlink -f "${rt#*=}")")" = runc ]; then
+        e2e_log "##### cryo-shim flows are cryo's own shim driving cryo: not run with ${rt%%=*}"
+        continue
+      fi
+      if ! "$e2e" shim "${CRYO_SHIM:-$(dirname "${rt#*=}")/containerd-shim-cryo-v1}"; then
+        while IFS= read -r flow; do
+          printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$client" "$flow" "${rt%%=*}" "FAIL (setup: no shim)" pass 0 - >>"$RESULTS_TSV"
+        done < <(bash "$script" --list)
+        continue
+      fi
+    fi
     e2e_log "##### $client with ${rt%%=*} (${rt#*=})"
     RUNTIME_NAME=${rt%%=*} RUNTIME=${rt#*=} bash "$script" || true
     # A flow that left no row (the script died) counts as failed.

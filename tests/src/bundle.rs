@@ -45,14 +45,25 @@ impl Bundle {
     /// A bundle whose rootfs is an overlay of `lower` with a fresh upper dir.
     pub fn overlay(lower: &Path, args: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(crate::unique("cryo-ovl"));
-        for d in ["rootfs", "upper", "work"] {
-            std::fs::create_dir_all(dir.join(d)).unwrap();
+        Self::overlay_with(lower, &dir.join("upper"), &dir.join("work"), &dir, args)
+    }
+
+    /// An overlay bundle in a new directory whose upper and work dirs are `upper` and `work`
+    /// (made if missing; not removed on drop), e.g. on a filesystem a test controls.
+    pub fn overlay_at(lower: &Path, upper: &Path, work: &Path, args: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(crate::unique("cryo-ovl"));
+        Self::overlay_with(lower, upper, work, &dir, args)
+    }
+
+    fn overlay_with(lower: &Path, upper: &Path, work: &Path, dir: &Path, args: &[&str]) -> Self {
+        for d in [&dir.join("rootfs"), upper, work] {
+            std::fs::create_dir_all(d).unwrap();
         }
         let opts = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.display(),
-            dir.join("upper").display(),
-            dir.join("work").display()
+            upper.display(),
+            work.display()
         );
         let st = Command::new("mount")
             .args(["-t", "overlay", "overlay", "-o", &opts])
@@ -61,7 +72,7 @@ impl Bundle {
             .unwrap();
         assert!(st.success(), "overlay mount failed");
         let b = Self {
-            dir: dir.clone(),
+            dir: dir.to_path_buf(),
             overlay: Some(dir.join("rootfs")),
         };
         b.write_config(args, |_| {});

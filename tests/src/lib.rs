@@ -6,6 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod bundle;
+pub mod cgroups;
+pub mod fanotify;
+pub mod faults;
 pub mod runtime;
 pub mod tree_digest;
 
@@ -59,6 +62,17 @@ pub fn require_prerequisites() {
         (maj, min) >= (4, 2),
         "criu {v} is too old: this kernel needs CRIU >= 4.2 (run scripts/setup)"
     );
+    // scripts/test runs the suite on each cgroup layout and names the one it means: a run
+    // that did not get it must not pass for it.
+    if let Ok(want) = std::env::var("CRYO_TEST_CGROUP_LAYOUT") {
+        let have = cgroups::layout();
+        assert_eq!(
+            have.name(),
+            want,
+            "CRYO_TEST_CGROUP_LAYOUT={want}, but /sys/fs/cgroup here is {have:?} \
+             (scripts/pure-v2 emulates a pure cgroup v2 host)"
+        );
+    }
     let check = std::process::Command::new("criu")
         .arg("check")
         .output()

@@ -1,7 +1,7 @@
 //! Running cryo (or runc) with a private state root.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -99,38 +99,9 @@ impl Runtime {
     /// Start a command whose stdout is a pipe we read (what conmon and the shims do), wait for
     /// the runtime to exit, return the pipe's read end.
     pub fn spawn_with_pipe(&self, args: &[&str]) -> Lines {
-        // stderr is a pipe too (CRIU cannot checkpoint an fd on a host file); the container
-        // inherits it, so it is read on a thread instead of waited for.
-        let mut child: Child = self
-            .cmd()
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
-                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        let status = child.wait().unwrap();
-        if !status.success() {
-            std::thread::sleep(Duration::from_millis(200));
-            let msg: Vec<u8> = rx.try_iter().flatten().collect();
-            panic!(
-                "{} {args:?} failed: {}",
-                self.bin.display(),
-                String::from_utf8_lossy(&msg)
-            );
-        }
-        Lines::new(stdout)
+        let mut cmd = self.cmd();
+        cmd.args(args);
+        spawn_with_pipe(cmd)
     }
 
     /// Guard that force-deletes `id` on drop.
@@ -140,6 +111,37 @@ impl Runtime {
             id: id.to_string(),
         }
     }
+}
+
+/// [`Runtime::spawn_with_pipe`] for any command (a runtime run through a wrapper).
+pub fn spawn_with_pipe(mut cmd: Command) -> Lines {
+    // stderr is a pipe too (CRIU cannot checkpoint an fd on a host file); the container
+    // inherits it, so it is read on a thread instead of waited for.
+    let what = format!("{cmd:?}");
+    let mut child: Child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let status = child.wait().unwrap();
+    if !status.success() {
+        std::thread::sleep(Duration::from_millis(200));
+        let msg: Vec<u8> = rx.try_iter().flatten().collect();
+        panic!("{what} failed: {}", String::from_utf8_lossy(&msg));
+    }
+    Lines::new(stdout)
 }
 
 /// Lines from a container's stdout, read on a thread so waits can time out.
@@ -217,19 +219,5 @@ impl Drop for ContainerGuard {
     }
 }
 
-/// The v1 freezer state of a container (by its init pid).
-pub fn freezer_state(pid: i64) -> String {
-    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let path = cg
-        .lines()
-        .find_map(|l| l.split_once(":freezer:").map(|(_, p)| p.to_string()))
-        .unwrap();
-    std::fs::read_to_string(
-        Path::new("/sys/fs/cgroup/freezer")
-            .join(path.trim_start_matches('/'))
-            .join("freezer.state"),
-    )
-    .unwrap()
-    .trim()
-    .to_string()
-}
+/// The freezer state of a container (by its init pid), on either cgroup layout.
+pub use crate::cgroups::freezer_state;

@@ -221,6 +221,125 @@ fn restore_in_place_applies_nothing() {
     let _ = std::fs::remove_dir_all(&lower);
 }
 
+/// Issue 18, forced: the new container's upper dir is a new directory that got the captured
+/// upper dir's device and inode number (a tiny ext4 hands the lowest free number out). It is
+/// not the same directory, so the changeset must be applied.
+#[test]
+fn a_new_upper_dir_with_the_old_inode_number_gets_the_changes() {
+    let rt = Runtime::cryo();
+    let lower = std::env::temp_dir().join(unique("cryo-lower"));
+    busybox_rootfs(&lower);
+    let fs = TinyExt4::new();
+    let (upper, work) = (fs.mnt.join("upper"), fs.mnt.join("work"));
+    let script = "echo new > /root/newfile; rm /bin/vi; i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done";
+    let a = Bundle::overlay_at(&lower, &upper, &work, &["sh", "-c", script]);
+    let id = unique("reuse");
+    let _g = rt.guard(&id);
+    let lines = rt.spawn_with_pipe(&["run", "-d", "--bundle", a.dir.to_str().unwrap(), &id]);
+    lines.wait_count(3, Duration::from_secs(20));
+    let img = std::env::temp_dir().join(unique("cryo-reuse-img"));
+    rt.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), &id]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(img.join("cryo-manifest.json")).unwrap()).unwrap();
+    let recorded_ino = manifest["rootfs"]["upper_fingerprint"]["ino"]
+        .as_u64()
+        .unwrap();
+    // The checkpoint ended and deleted the container.
+    drop(a);
+    // The original container is gone with its upper dir; the next one's upper dir takes
+    // the freed inode number.
+    let st = std::process::Command::new("rm")
+        .arg("-rf")
+        .arg(&upper)
+        .arg(&work)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut reused = false;
+    for _ in 0..32 {
+        std::fs::create_dir(&upper).unwrap();
+        if std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&upper).unwrap()) == recorded_ino
+        {
+            reused = true;
+            break;
+        }
+        std::fs::remove_dir(&upper).unwrap();
+    }
+    assert!(
+        reused,
+        "the tiny ext4 never handed inode {recorded_ino} back"
+    );
+    let b = Bundle::overlay_at(&lower, &upper, &work, &["sh", "-c", script]);
+    assert!(
+        b.rootfs().join("bin/vi").exists(),
+        "a new upper dir starts empty"
+    );
+    let restored = rt.spawn_with_pipe(&[
+        "restore",
+        "-d",
+        "--bundle",
+        b.dir.to_str().unwrap(),
+        "--image-path",
+        img.to_str().unwrap(),
+        &id,
+    ]);
+    restored
+        .next(Duration::from_secs(10))
+        .expect("restored process printed nothing");
+    assert_eq!(
+        std::fs::read_to_string(b.rootfs().join("root/newfile")).unwrap_or_default(),
+        "new\n",
+        "the changeset was skipped: the new upper dir passed for the captured one"
+    );
+    assert!(!b.rootfs().join("bin/vi").exists());
+    rt.ok(&["delete", "--force", &id]);
+    drop(b);
+    let _ = std::fs::remove_dir_all(&img);
+    let _ = std::fs::remove_dir_all(&lower);
+}
+
+/// A tiny ext4 (64 inodes, one block group: the lowest free inode number is handed out) on a loop device, mounted in a temp dir; unmounted on drop.
+struct TinyExt4 {
+    dir: std::path::PathBuf,
+    mnt: std::path::PathBuf,
+}
+
+impl TinyExt4 {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique("cryo-tinyext4"));
+        let (img, mnt) = (dir.join("fs.img"), dir.join("mnt"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let ok = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-N", "64"])
+            .arg(&img)
+            .status()
+            .expect("mkfs.ext4 (e2fsprogs) is needed for this test");
+        assert!(ok.success(), "mkfs.ext4 failed");
+        let ok = std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(
+            ok.success(),
+            "loop-mounting an ext4 image failed (this test runs as root)"
+        );
+        Self { dir, mnt }
+    }
+}
+
+impl Drop for TinyExt4 {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Without the snapshot a fresh rootfs lacks the file the process holds open: cryo says which,
 /// before CRIU fails on it, and leaves nothing behind.
 #[test]

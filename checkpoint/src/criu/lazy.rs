@@ -29,6 +29,11 @@ pub struct LazyPagesDaemon {
 }
 
 impl LazyPagesDaemon {
+    /// The daemon's pid (0 once detached).
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
     /// Start `criu lazy-pages` serving `images_dir`, listening in `work_dir`, and wait until
     /// it says it listens (`--status-fd`). `Ok(None)` when a daemon already listens there.
     pub fn start(

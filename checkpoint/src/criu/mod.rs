@@ -62,6 +62,9 @@ pub struct CriuCall {
     /// Whether CRIU gets the caller's stdio (restore: the restored tree keeps CRIU's fds 0-2,
     /// which is how a caller's new pipes reach it) or /dev/null (dump).
     pub inherit_stdio: bool,
+    /// The umask CRIU runs with: a dump's image files hold the container's memory and are
+    /// made private (0077); a restore keeps the caller's (CRIU restores the tasks' own).
+    pub umask: Option<u32>,
 }
 
 impl CriuCall {
@@ -83,8 +86,43 @@ pub struct Notification<'a> {
     pub fd: Option<OwnedFd>,
 }
 
-/// Handles notifications; an `Err` makes CRIU abort the request.
-pub type NotifyHandler<'a> = dyn FnMut(Notification<'_>) -> Result<(), String> + 'a;
+/// A point in time a CRIU call must not outlive, and what it protects (named in the error).
+#[derive(Debug, Clone)]
+pub struct Deadline {
+    /// When.
+    pub at: std::time::Instant,
+    /// What runs out ("the freeze (--freeze-timeout 60s)").
+    pub what: String,
+}
+
+/// The caller's side of a CRIU call: notifications, and when to give up.
+pub trait CallObserver {
+    /// CRIU runs as `pid` (cryo tells its guardian, so CRIU is stopped if cryo dies).
+    fn started(&mut self, pid: i32) -> Result<(), String> {
+        let _ = pid;
+        Ok(())
+    }
+    /// A notification; an `Err` makes CRIU abort the request.
+    fn notify(&mut self, n: Notification<'_>) -> Result<(), String>;
+    /// The earliest deadline now in force: past it, CRIU is killed and the call fails.
+    fn deadline(&self) -> Option<Deadline> {
+        None
+    }
+    /// Whether the caller was asked to stop (SIGTERM): CRIU is killed and the call fails.
+    fn interrupted(&self) -> bool {
+        false
+    }
+}
+
+/// A [`CallObserver`] that accepts every notification (no deadline, never interrupted).
+#[derive(Debug, Default)]
+pub struct AcceptAll;
+
+impl CallObserver for AcceptAll {
+    fn notify(&mut self, _n: Notification<'_>) -> Result<(), String> {
+        Ok(())
+    }
+}
 
 /// What CRIU answered to a successful dump or restore.
 #[derive(Debug, Clone, Default)]
@@ -141,6 +179,58 @@ pub enum CriuError {
     /// A feature this machine's CRIU or kernel lacks.
     #[error("{0}")]
     Missing(String),
+    /// A deadline passed: CRIU was killed.
+    #[error("{what}; CRIU was stopped\nlog file: {log}{excerpt}")]
+    TimedOut {
+        /// The deadline's description.
+        what: String,
+        /// The log file.
+        log: PathBuf,
+        /// Error lines from the log (prefixed).
+        excerpt: String,
+    },
+    /// The caller was asked to stop: CRIU was killed.
+    #[error("interrupted by a signal; CRIU was stopped\nlog file: {log}")]
+    Interrupted {
+        /// The log file.
+        log: PathBuf,
+    },
+}
+
+impl CriuError {
+    /// The same error naming `log` as CRIU's log file (a copy kept elsewhere).
+    pub fn with_log(self, log: &std::path::Path) -> Self {
+        let log = log.to_path_buf();
+        match self {
+            CriuError::Failed {
+                kind,
+                errno,
+                msg,
+                excerpt,
+                ..
+            } => CriuError::Failed {
+                kind,
+                errno,
+                msg,
+                log,
+                excerpt,
+            },
+            CriuError::Transport {
+                step,
+                detail,
+                excerpt,
+                ..
+            } => CriuError::Transport {
+                step,
+                detail,
+                log,
+                excerpt,
+            },
+            CriuError::TimedOut { what, excerpt, .. } => CriuError::TimedOut { what, log, excerpt },
+            CriuError::Interrupted { .. } => CriuError::Interrupted { log },
+            other => other,
+        }
+    }
 }
 
 /// Features CRIU can be asked about.
@@ -174,7 +264,7 @@ pub trait CriuClient {
     fn call(
         &self,
         call: CriuCall,
-        notify: &mut NotifyHandler<'_>,
+        observer: &mut dyn CallObserver,
     ) -> Result<CriuOutcome, CriuError>;
 }
 

@@ -1,6 +1,7 @@
 //! The real [`CriuClient`]: spawns `criu swrk 3` per request and speaks protobuf over a
 //! SOCK_SEQPACKET socketpair, one message per packet.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -16,9 +17,12 @@ use nix::sys::socket::{
 use protobuf::{Message, MessageField};
 
 use super::{
-    log_excerpt, rpc, version_number, CallKind, CriuCall, CriuClient, CriuError, CriuOutcome,
-    Features, Notification, NotifyHandler,
+    log_excerpt, rpc, version_number, CallKind, CallObserver, CriuCall, CriuClient, CriuError,
+    CriuOutcome, Features, Notification,
 };
+
+/// How often a waiting call looks at the observer's deadline and interrupt flag.
+const WAIT_SLICE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Extra fds are first parked at or above this number so that placing them at 4, 5, … in the
 /// child cannot clobber one another.
@@ -28,6 +32,25 @@ const PARK_FD_FLOOR: RawFd = 100;
 #[derive(Debug, Clone)]
 pub struct SwrkClient {
     binary: PathBuf,
+    /// How long a version or feature query may take.
+    probe_timeout: std::time::Duration,
+    /// Environment variables CRIU gets on top of ours (a GPU container's PATH).
+    env: Vec<(OsString, OsString)>,
+}
+
+/// The default limit on a version or feature query (CRIU answers in milliseconds).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Only a deadline: for version and feature queries.
+struct ProbeDeadline(super::Deadline);
+
+impl CallObserver for ProbeDeadline {
+    fn notify(&mut self, _n: Notification<'_>) -> Result<(), String> {
+        Ok(())
+    }
+    fn deadline(&self) -> Option<super::Deadline> {
+        Some(self.0.clone())
+    }
 }
 
 impl Default for SwrkClient {
@@ -48,13 +71,28 @@ impl SwrkClient {
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         Self {
             binary: binary.into(),
+            probe_timeout: PROBE_TIMEOUT,
+            env: Vec::new(),
         }
+    }
+
+    /// The same client, giving version and feature queries at most `limit`.
+    pub fn with_probe_timeout(mut self, limit: std::time::Duration) -> Self {
+        self.probe_timeout = limit;
+        self
+    }
+
+    /// The same client, with `key=value` in CRIU's environment (and so its plugins' tools').
+    pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
     }
 
     fn spawn(
         &self,
         extra: &[OwnedFd],
         inherit_stdio: bool,
+        umask: Option<u32>,
         log: PathBuf,
     ) -> Result<Session, CriuError> {
         let transport = |detail: String| CriuError::Transport {
@@ -86,6 +124,7 @@ impl SwrkClient {
             .collect();
         let mut cmd = Command::new(&self.binary);
         cmd.arg("swrk").arg("3");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if inherit_stdio {
             cmd.stdin(Stdio::inherit())
                 .stdout(Stdio::inherit())
@@ -95,14 +134,17 @@ impl SwrkClient {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
         }
-        // SAFETY: the closure only calls dup2, which is async-signal-safe, on fds that stay
-        // open in the parent until spawn returns; it allocates nothing.
+        // SAFETY: the closure only calls dup2 and umask, which are async-signal-safe, on fds
+        // that stay open in the parent until spawn returns; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
                 for &(from, to) in &targets {
                     if libc::dup2(from, to) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                if let Some(mask) = umask {
+                    libc::umask(mask as libc::mode_t);
                 }
                 Ok(())
             });
@@ -121,9 +163,20 @@ impl SwrkClient {
     }
 
     fn simple_request(&self, req: rpc::Criu_req) -> Result<rpc::Criu_resp, CriuError> {
-        let session = self.spawn(&[], false, PathBuf::from("(no log)"))?;
+        let session = self.spawn(&[], false, None, PathBuf::from("(no log)"))?;
         session.send(&req)?;
-        let answer = session.recv();
+        let what = format!("{:?}", req.type_())
+            .to_lowercase()
+            .replace('_', " ");
+        let deadline = ProbeDeadline(super::Deadline {
+            at: std::time::Instant::now() + self.probe_timeout,
+            what: format!(
+                "{} did not answer a {what} query within {}s (--criu-timeout): is it a working CRIU?",
+                self.binary.display(),
+                self.probe_timeout.as_secs()
+            ),
+        });
+        let answer = session.wait(&deadline).and_then(|()| session.recv());
         let Session {
             mut child, sock, ..
         } = session;
@@ -154,6 +207,48 @@ impl Session {
                 Err(e) => return Err(self.broken("send request", e.to_string())),
             }
         }
+    }
+
+    /// Wait until CRIU has something to say, keeping the observer's deadline and interrupt:
+    /// past either, CRIU is killed (its tasks are released as it dies) and the call fails.
+    fn wait(&self, observer: &dyn CallObserver) -> Result<(), CriuError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        loop {
+            if observer.interrupted() {
+                self.kill();
+                return Err(CriuError::Interrupted {
+                    log: self.log.clone(),
+                });
+            }
+            let mut slice = WAIT_SLICE;
+            if let Some(d) = observer.deadline() {
+                let now = std::time::Instant::now();
+                if now >= d.at {
+                    self.kill();
+                    return Err(CriuError::TimedOut {
+                        what: d.what,
+                        excerpt: log_excerpt(&self.log),
+                        log: self.log.clone(),
+                    });
+                }
+                slice = slice.min(d.at - now);
+            }
+            let ms =
+                PollTimeout::try_from(slice.as_millis().max(1) as u32).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, ms) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(self.broken("wait", e.to_string())),
+            }
+        }
+    }
+
+    fn kill(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 
     /// Receive one packet (and the fd CRIU may attach to it).
@@ -255,7 +350,7 @@ impl CriuClient for SwrkClient {
     fn call(
         &self,
         call: CriuCall,
-        notify: &mut NotifyHandler<'_>,
+        observer: &mut dyn CallObserver,
     ) -> Result<CriuOutcome, CriuError> {
         let log = call.work_dir.join(call.kind.log_name());
         let images = open_dir(&call.images_dir, &log)?;
@@ -272,9 +367,12 @@ impl CriuClient for SwrkClient {
         req.set_type(call.kind.req_type());
         req.opts = MessageField::some(opts);
 
-        let session = self.spawn(&call.extra_fds, call.inherit_stdio, log.clone())?;
+        let session = self.spawn(&call.extra_fds, call.inherit_stdio, call.umask, log.clone())?;
         drop(call.extra_fds);
-        let result = converse(&session, &req, call.kind, notify);
+        let result = observer
+            .started(session.child.id() as i32)
+            .map_err(|e| session.broken("start", e))
+            .and_then(|()| converse(&session, &req, call.kind, observer));
         drop(images);
         drop(work);
         // Closing our end lets CRIU exit; reap it so no zombie is left behind.
@@ -309,11 +407,12 @@ fn converse(
     session: &Session,
     req: &rpc::Criu_req,
     kind: CallKind,
-    notify: &mut NotifyHandler<'_>,
+    observer: &mut dyn CallObserver,
 ) -> Result<CriuOutcome, CriuError> {
     session.send(req)?;
     let mut outcome = CriuOutcome::default();
     loop {
+        session.wait(observer)?;
         let (resp, fd) = session.recv()?;
         let ty = resp.type_();
         if ty == rpc::Criu_req_type::NOTIFY {
@@ -323,7 +422,7 @@ fn converse(
             if script == "post-restore" {
                 outcome.restored_pid = Some(pid);
             }
-            let res = notify(Notification {
+            let res = observer.notify(Notification {
                 script: &script,
                 pid,
                 fd,

@@ -45,20 +45,6 @@ pub(super) fn check_criu(criu: &dyn CriuClient, f: &DumpFlags) -> Result<(), Cri
     Ok(())
 }
 
-pub(super) fn prepare_dirs(req: &DumpRequest) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    for dir in [&req.image_dir, &req.work_dir] {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    // The image holds the container's memory: keep it private even if it already existed.
-    std::fs::set_permissions(&req.image_dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("cannot chmod {}: {e}", req.image_dir.display()))
-}
-
 pub(super) fn detect(req: &DumpRequest) -> Result<Option<RootfsKind>, String> {
     if req.snapshot == SnapshotMode::None || req.flags.pre_dump {
         return Ok(None);
@@ -90,16 +76,19 @@ pub(super) fn rootfs_record(kind: &Option<RootfsKind>, mode: SnapshotMode) -> Ro
             .unwrap_or_else(|| "unknown".into()),
         upper_dir: None,
         upper_identity: None,
+        upper_fingerprint: None,
         snapshot: None,
         skipped_because: None,
         device_nodes: Vec::new(),
         entries: 0,
         bytes: 0,
+        logical_bytes: None,
     };
     match kind {
         Some(RootfsKind::Overlay { upper_dir, .. }) => {
             r.upper_dir = Some(upper_dir.clone());
             r.upper_identity = facts::identity(upper_dir);
+            r.upper_fingerprint = facts::dir_identity(upper_dir);
         }
         Some(RootfsKind::Directory { .. }) => r.skipped_because = Some(
             "the rootfs is a plain directory, not an overlay: its changes cannot be told apart \
@@ -130,6 +119,8 @@ pub(super) fn apply_plan(opts: &mut crate::criu::rpc::Criu_opts, plan: &DumpPlan
     if let Some(cg) = &plan.freeze_cgroup {
         opts.set_freeze_cgroup(cg.to_string_lossy().into_owned());
     }
+    opts.cgroup_dump_controller
+        .extend(plan.cgroup_dump_controllers.iter().cloned());
     if let Some(cfg) = flags::config_file(spec.annotations().as_ref()) {
         opts.set_config_file(cfg);
     }

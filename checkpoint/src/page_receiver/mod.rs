@@ -16,7 +16,7 @@ pub mod staging;
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -28,19 +28,58 @@ pub use staging::Estimate;
 /// references to the frozen container's pages, not copies).
 const SOCKET_BUFFER: usize = 16 << 20;
 
+/// The receiver failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// Writing an image file failed (a full disk shows here, not as CRIU's broken pipe).
+    #[error("{step} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        step: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading CRIU's stream or answering it failed.
+    #[error("CRIU's page stream broke: {0}")]
+    Stream(#[source] std::io::Error),
+    /// CRIU sent something a dump does not send.
+    #[error("{0}")]
+    Protocol(String),
+    /// The receiving thread could not run.
+    #[error("the page receiver thread: {0}")]
+    Thread(String),
+}
+
+impl ReceiveError {
+    pub(crate) fn io(step: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| Self::Io { step, path, source }
+    }
+
+    /// Whether this is cryo's own write failing (the cause to report over CRIU's error).
+    pub fn is_write_failure(&self) -> bool {
+        matches!(self, Self::Io { .. })
+    }
+}
+
 /// A running receiver.
 #[derive(Debug)]
 pub struct PageReceiver {
-    thread: Option<JoinHandle<Result<Session, String>>>,
+    thread: Option<JoinHandle<Result<Session, ReceiveError>>>,
     staged: mpsc::Receiver<()>,
 }
 
 impl PageReceiver {
     /// Start receiving into `image_dir`, staging the given tasks' images first. Returns the
     /// receiver and the socket end to hand CRIU.
-    pub fn start(image_dir: &Path, estimates: Vec<Estimate>) -> Result<(Self, OwnedFd), String> {
-        let (mut ours, theirs) =
-            UnixStream::pair().map_err(|e| format!("socketpair for CRIU's pages: {e}"))?;
+    pub fn start(
+        image_dir: &Path,
+        estimates: Vec<Estimate>,
+    ) -> Result<(Self, OwnedFd), ReceiveError> {
+        let (mut ours, theirs) = UnixStream::pair().map_err(ReceiveError::Stream)?;
         enlarge_buffers(&ours, &theirs);
         let (staged_tx, staged) = mpsc::channel();
         let dir = image_dir.to_path_buf();
@@ -57,7 +96,7 @@ impl PageReceiver {
                 session.serve(&mut ours)?;
                 Ok(session)
             })
-            .map_err(|e| format!("starting the page receiver: {e}"))?;
+            .map_err(|e| ReceiveError::Thread(e.to_string()))?;
         let receiver = Self {
             thread: Some(thread),
             staged,
@@ -73,14 +112,14 @@ impl PageReceiver {
 
     /// Wait for the end of the stream and give the images their final names. On an error the
     /// receiver's files are removed.
-    pub fn finish(mut self) -> Result<Summary, String> {
+    pub fn finish(mut self) -> Result<Summary, ReceiveError> {
         let thread = self
             .thread
             .take()
-            .ok_or("the page receiver already ended")?;
+            .ok_or_else(|| ReceiveError::Thread("it already ended".into()))?;
         thread
             .join()
-            .map_err(|_| "the page receiver panicked".to_string())??
+            .map_err(|_| ReceiveError::Thread("it panicked".into()))??
             .finish()
     }
 }

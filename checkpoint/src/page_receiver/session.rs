@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::protocol::{self, Command, Dest, HEADER_LEN, PAGE_SIZE, PE_PRESENT};
 use super::staging::{self, PagesFile};
+use super::ReceiveError;
 
 /// Data that did not fit the staged mapping goes through a buffer of this size (small writes
 /// into fresh page cache: see `crate::prefault`).
@@ -60,7 +61,7 @@ impl Session {
     }
 
     /// Prepare the pages file of task `vpid` ([`staging::stage`]).
-    pub fn stage(&mut self, vpid: u64, bytes: u64) -> Result<(), String> {
+    pub fn stage(&mut self, vpid: u64, bytes: u64) -> Result<(), ReceiveError> {
         let pf = staging::stage(&self.dir, &vpid.to_string(), bytes)?;
         self.staged.insert(vpid, pf);
         Ok(())
@@ -68,19 +69,23 @@ impl Session {
 
     /// Serve CRIU's stream until it closes the session. Every page has been copied out of the
     /// container's memory when this returns `Ok`.
-    pub fn serve<S: Read + Write>(&mut self, stream: &mut S) -> Result<(), String> {
+    pub fn serve<S: Read + Write>(&mut self, stream: &mut S) -> Result<(), ReceiveError> {
         let mut header = [0u8; HEADER_LEN];
         loop {
             if let Err(e) = stream.read_exact(&mut header) {
                 return Err(if e.kind() == ErrorKind::UnexpectedEof {
-                    "CRIU ended the page stream without closing it (the dump failed)".into()
+                    ReceiveError::Protocol(
+                        "CRIU ended the page stream without closing it (the dump failed)".into(),
+                    )
                 } else {
-                    format!("reading CRIU's page stream: {e}")
+                    ReceiveError::Stream(e)
                 });
             }
             match protocol::parse(&header) {
                 Command::Open { dest, reply } => {
-                    let dest = dest.ok_or("CRIU opened a pagemap of an unknown kind")?;
+                    let dest = dest.ok_or_else(|| {
+                        ReceiveError::Protocol("CRIU opened a pagemap of an unknown kind".into())
+                    })?;
                     self.open(dest)?;
                     if reply {
                         // "No parent image": every page is sent.
@@ -97,16 +102,16 @@ impl Session {
                     return write(stream, &0i32.to_ne_bytes());
                 }
                 Command::Other(raw) => {
-                    return Err(format!(
+                    return Err(ReceiveError::Protocol(format!(
                         "CRIU sent page-server command {raw:#x}, which is not part of a dump \
                          (parent images and lazy pages are not served by cryo's receiver)"
-                    ))
+                    )))
                 }
             }
         }
     }
 
-    fn open(&mut self, dest: Dest) -> Result<(), String> {
+    fn open(&mut self, dest: Dest) -> Result<(), ReceiveError> {
         let pages = match dest {
             Dest::Task(vpid) => match self.staged.remove(&vpid) {
                 Some(pf) => pf,
@@ -132,20 +137,19 @@ impl Session {
         vaddr: u64,
         nr: u64,
         flags: u32,
-    ) -> Result<(), String> {
-        let t = self
-            .targets
-            .last_mut()
-            .ok_or("CRIU sent pages before opening a pagemap")?;
+    ) -> Result<(), ReceiveError> {
+        let t = self.targets.last_mut().ok_or_else(|| {
+            ReceiveError::Protocol("CRIU sent pages before opening a pagemap".into())
+        })?;
         protocol::push_pagemap_entry(&mut t.pagemap, vaddr, nr, flags);
         if flags & PE_PRESENT == 0 {
             return Ok(());
         }
-        let len = nr
-            .checked_mul(PAGE_SIZE)
-            .ok_or("CRIU announced an impossible number of pages")?;
+        let len = nr.checked_mul(PAGE_SIZE).ok_or_else(|| {
+            ReceiveError::Protocol("CRIU announced an impossible number of pages".into())
+        })?;
         let (mut at, end) = (t.received, t.received + len);
-        let read_err = |e: std::io::Error| format!("receiving pages from CRIU: {e}");
+        let read_err = ReceiveError::Stream;
         if let Some(map) = t.pages.map.as_mut() {
             let upto = end.min(map.len() as u64);
             if at < upto {
@@ -163,7 +167,7 @@ impl Session {
             t.pages
                 .file
                 .write_all_at(&buf[..n], at)
-                .map_err(|e| format!("write {}: {e}", t.pages.path.display()))?;
+                .map_err(ReceiveError::io("write", &t.pages.path))?;
             at += n as u64;
         }
         t.received = end;
@@ -172,9 +176,11 @@ impl Session {
 
     /// Give the received images their final names (`pages-<id>.img`, `pagemap-*.img`) and
     /// remove what was staged for tasks CRIU did not send. Call after a closed session.
-    pub fn finish(mut self) -> Result<Summary, String> {
+    pub fn finish(mut self) -> Result<Summary, ReceiveError> {
         if !self.closed {
-            return Err("CRIU never closed the page stream".into());
+            return Err(ReceiveError::Protocol(
+                "CRIU never closed the page stream".into(),
+            ));
         }
         let mut summary = Summary {
             staged_bytes: self.staged_bytes,
@@ -187,10 +193,10 @@ impl Session {
             let pages = self.dir.join(format!("pages-{}.img", t.pages_id));
             let pagemap = self.dir.join(t.dest.pagemap_name());
             let temp = t.pages.path.clone();
-            let result = t.pages.finish(t.received, &pages).and_then(|()| {
-                std::fs::write(&pagemap, &t.pagemap)
-                    .map_err(|e| format!("write {}: {e}", pagemap.display()))
-            });
+            let result = t
+                .pages
+                .finish(t.received, &pages)
+                .and_then(|()| write_private(&pagemap, &t.pagemap));
             written.extend([pages, pagemap]);
             if let Err(e) = result {
                 for p in written.iter().chain([&temp]) {
@@ -220,8 +226,19 @@ impl Drop for Session {
     }
 }
 
-fn write<S: Write>(stream: &mut S, bytes: &[u8]) -> Result<(), String> {
-    stream
-        .write_all(bytes)
-        .map_err(|e| format!("answering CRIU: {e}"))
+fn write<S: Write>(stream: &mut S, bytes: &[u8]) -> Result<(), ReceiveError> {
+    stream.write_all(bytes).map_err(ReceiveError::Stream)
+}
+
+/// A new file readable by its owner only (image files describe the container's memory).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ReceiveError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(ReceiveError::io("write", path))
 }

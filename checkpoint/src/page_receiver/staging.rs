@@ -6,11 +6,13 @@
 //! are only copied.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
 
 use super::protocol::PAGE_SIZE;
+use super::ReceiveError;
 
 /// Slack over the measured size: the container keeps running (and allocating) until the
 /// freeze. Pages beyond the staged size are still received, only written without the
@@ -86,15 +88,17 @@ pub fn temp_name(dir: &Path, key: &str) -> PathBuf {
 }
 
 /// Create an empty, unstaged pages file.
-pub fn create(dir: &Path, key: &str) -> Result<PagesFile, String> {
+pub fn create(dir: &Path, key: &str) -> Result<PagesFile, ReceiveError> {
     let path = temp_name(dir, key);
+    // Private: it holds the container's memory.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(0o600)
         .open(&path)
-        .map_err(|e| format!("create {}: {e}", path.display()))?;
+        .map_err(ReceiveError::io("create", &path))?;
     Ok(PagesFile {
         path,
         file,
@@ -104,7 +108,7 @@ pub fn create(dir: &Path, key: &str) -> Result<PagesFile, String> {
 
 /// Create a pages file of `bytes` and fault all of it in, writable. If the file system cannot
 /// map or populate it, the file is returned unstaged (correct, only without the head start).
-pub fn stage(dir: &Path, key: &str, bytes: u64) -> Result<PagesFile, String> {
+pub fn stage(dir: &Path, key: &str, bytes: u64) -> Result<PagesFile, ReceiveError> {
     let mut pf = create(dir, key)?;
     pf.map = crate::prefault::map_prefaulted(&pf.file, bytes);
     if pf.map.is_none() && bytes > 0 {
@@ -118,18 +122,12 @@ pub fn stage(dir: &Path, key: &str, bytes: u64) -> Result<PagesFile, String> {
 
 impl PagesFile {
     /// Unmap, cut the file to the `len` bytes received and give it its final name.
-    pub fn finish(mut self, len: u64, final_path: &Path) -> Result<(), String> {
+    pub fn finish(mut self, len: u64, final_path: &Path) -> Result<(), ReceiveError> {
         self.map = None;
         self.file
             .set_len(len)
-            .map_err(|e| format!("truncate {}: {e}", self.path.display()))?;
-        std::fs::rename(&self.path, final_path).map_err(|e| {
-            format!(
-                "rename {} to {}: {e}",
-                self.path.display(),
-                final_path.display()
-            )
-        })
+            .map_err(ReceiveError::io("truncate", &self.path))?;
+        std::fs::rename(&self.path, final_path).map_err(ReceiveError::io("rename", &self.path))
     }
 }
 

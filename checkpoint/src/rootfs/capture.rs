@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tar::{Builder, EntryType, Header};
 
-use super::sparse::{data_extents, has_holes, write_sparse};
+use super::policy::ChangesetSizes;
+use super::sparse::{coalesce, data_extents, has_holes, pax_records, ExtentReader, MAX_EXTENTS};
 use super::{io_err, Result, RootfsError, OPAQUE_MARKER, WHITEOUT_PREFIX};
 use crate::prefault::{SmallWrites, WRITE_CHUNK};
 
@@ -62,15 +63,31 @@ pub struct CaptureReport {
     pub entries: u64,
     /// Bytes of file data stored (holes of sparse files excluded).
     pub bytes: u64,
+    /// Sum of the sizes of the regular files captured (holes included; a hard link counts
+    /// once). Record it with `bytes` ([`Self::sizes`]) so a restore can refuse an archive
+    /// that declares more ([`super::ApplyPolicy::with_declared_sizes`]).
+    #[serde(default)]
+    pub logical_bytes: u64,
     /// Whiteouts translated to `.wh.<name>`.
     pub whiteouts: u64,
     /// Opaque directories (each with a `.wh..wh..opq` marker).
     pub opaque_dirs: u64,
-    /// Paths (relative, `dev/null2`) of the real device nodes in the archive: the only ones a
-    /// restore may create ([`super::ApplyPolicy::allowed_devices`]).
+    /// Paths (relative, `dev/null2`) of the real device nodes in the archive, for the record
+    /// (a restore creates a node only if the target spec's runtime would:
+    /// [`super::ApplyPolicy::for_spec`]).
     pub device_nodes: Vec<String>,
     /// Time taken.
     pub elapsed: Duration,
+}
+
+impl CaptureReport {
+    /// The sizes a restore checks the archive against.
+    pub fn sizes(&self) -> ChangesetSizes {
+        ChangesetSizes {
+            data_bytes: self.bytes,
+            logical_bytes: self.logical_bytes,
+        }
+    }
 }
 
 /// Trees with more entries than this are not measured ahead: the walk would cost more than
@@ -140,7 +157,6 @@ pub fn capture_upper_into(
         overlay: !opts.plain,
         links: HashMap::new(),
         report: CaptureReport::default(),
-        buf: vec![0u8; WRITE_CHUNK],
     };
     w.walk(upper, Path::new(""))?;
     let inner = w.tar.into_inner().map_err(io_err("finish", out))?;
@@ -179,7 +195,6 @@ struct Walker<W: Write> {
     /// First archive path of every multiply-linked inode seen, by (dev, ino).
     links: HashMap<(u64, u64), PathBuf>,
     report: CaptureReport,
-    buf: Vec<u8>,
 }
 
 /// Where an entry's metadata comes from.
@@ -260,11 +275,9 @@ impl<W: Write> Walker<W> {
             return Ok(());
         }
         let attrs = self.attrs(host)?;
-        if !attrs.pax.is_empty() {
-            let pax = attrs.pax.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
-            self.tar
-                .append_pax_extensions(pax)
-                .map_err(io_err("write xattrs of", host))?;
+        if !ft.is_file() || md.nlink() > 1 && self.links.contains_key(&(md.dev(), md.ino())) {
+            // A regular file's records go out with its sparse map, if it has one.
+            self.pax(&attrs.pax, host)?;
         }
         let mut h = header(md);
         self.report.entries += 1;
@@ -298,7 +311,7 @@ impl<W: Write> Walker<W> {
                 }
                 self.links.insert(id, rel.to_path_buf());
             }
-            return self.regular(host, rel, h, md);
+            return self.regular(host, rel, h, md, attrs.pax);
         }
         // A fifo or a real device node.
         if ft.is_fifo() {
@@ -391,60 +404,76 @@ impl<W: Write> Walker<W> {
         Ok(a)
     }
 
-    fn regular(&mut self, host: &Path, rel: &Path, mut h: Header, md: &Metadata) -> Result<()> {
+    /// One PAX extended header with `records` (none when empty).
+    fn pax(&mut self, records: &[(String, Vec<u8>)], host: &Path) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let pax = records.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+        self.tar
+            .append_pax_extensions(pax)
+            .map_err(io_err("write the PAX records of", host))
+    }
+
+    fn regular(
+        &mut self,
+        host: &Path,
+        rel: &Path,
+        mut h: Header,
+        md: &Metadata,
+        mut pax: Vec<(String, Vec<u8>)>,
+    ) -> Result<()> {
         let f = File::open(host).map_err(io_err("open", host))?;
         let size = md.size();
+        self.report.logical_bytes += size;
+        h.set_entry_type(EntryType::Regular);
         // Fewer blocks than bytes hints at holes (or inline data): only then ask where the
         // data is.
         if size > 0 && md.blocks().saturating_mul(512) < size {
             let ext = data_extents(&f, size).map_err(io_err("find holes in", host))?;
             if has_holes(&ext, size) {
-                let path = rel.as_os_str().as_bytes();
-                let w = self.tar.get_mut();
-                let stored = write_sparse(w, h, path, &f, size, &ext, &mut self.buf)
-                    .map_err(io_err("write", host))?;
+                let ext = coalesce(ext, MAX_EXTENTS);
+                let stored: u64 = ext.iter().map(|e| e.1).sum();
+                pax.extend(pax_records(size, &ext));
+                // GNU tar reads a PAX sparse map only on a POSIX (ustar) header; the atime
+                // the GNU header would carry goes in a PAX record.
+                let mut u = ustar_header(md);
+                pax.push(("atime".into(), md.atime().max(0).to_string().into_bytes()));
+                for (key, id) in [("uid", md.uid()), ("gid", md.gid())] {
+                    if u64::from(id) > USTAR_MAX_ID {
+                        pax.push((key.into(), id.to_string().into_bytes()));
+                    }
+                }
+                self.pax(&pax, host)?;
+                u.set_size(stored);
+                self.append(u, rel, ExtentReader::new(&f, &ext), host)?;
                 self.report.bytes += stored;
                 return Ok(());
             }
         }
-        h.set_entry_type(EntryType::Regular);
+        self.pax(&pax, host)?;
         h.set_size(size);
         // The header announces `size` bytes: write exactly that many whatever the file does.
-        let reader = ExactFile {
-            f: &f,
-            off: 0,
-            left: size,
-        };
-        self.append(h, rel, reader, host)?;
+        let whole = [(0, size)];
+        self.append(h, rel, ExtentReader::new(&f, &whole), host)?;
         self.report.bytes += size;
         Ok(())
     }
 }
 
-/// Exactly `left` bytes of a file from `off`, zeros past its end (see `copy_range`).
-struct ExactFile<'a> {
-    f: &'a File,
-    off: u64,
-    left: u64,
-}
+/// The largest owner id a ustar header's octal field holds (7 digits).
+const USTAR_MAX_ID: u64 = 0o7777777;
 
-impl std::io::Read for ExactFile<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let want = (self.left.min(buf.len() as u64)) as usize;
-        if want == 0 {
-            return Ok(0);
-        }
-        let n = match std::os::unix::fs::FileExt::read_at(self.f, &mut buf[..want], self.off)? {
-            0 => {
-                buf[..want].fill(0);
-                want
-            }
-            n => n,
-        };
-        self.off += n as u64;
-        self.left -= n as u64;
-        Ok(n)
-    }
+/// A POSIX (ustar) header with the entry's mode, owner (a larger id goes in a PAX record)
+/// and mtime, for a regular file.
+fn ustar_header(md: &Metadata) -> Header {
+    let mut h = Header::new_ustar();
+    h.set_entry_type(EntryType::Regular);
+    h.set_mode(md.mode() & 0o7777);
+    h.set_uid(u64::from(md.uid()).min(USTAR_MAX_ID));
+    h.set_gid(u64::from(md.gid()).min(USTAR_MAX_ID));
+    h.set_mtime(u64::try_from(md.mtime()).unwrap_or(0));
+    h
 }
 
 /// A GNU header with the entry's mode, owner and times.

@@ -47,30 +47,112 @@ pub fn compress_zstd(raw: &Path, out: &Path, level: i32, threads: u32) -> Result
     res
 }
 
-/// Open a changeset for reading, raw tar or zstd-compressed tar alike (told apart by the zstd
-/// magic number, not the file name).
-pub fn open_changeset(path: &Path) -> Result<Box<dyn Read + Send>> {
-    let f = File::open(path).map_err(io_err("open", path))?;
-    let mut r = BufReader::with_capacity(1 << 20, f);
-    let head = r.fill_buf().map_err(io_err("read", path))?;
-    if head.starts_with(&ZSTD_MAGIC) {
-        let d = zstd::stream::Decoder::with_buffer(r).map_err(io_err("start zstd for", path))?;
-        Ok(Box::new(d))
-    } else {
-        Ok(Box::new(r))
+/// The zstd frame header flag saying a checksum of the content ends the frame.
+const ZSTD_CHECKSUM_FLAG: u8 = 0x04;
+
+/// A changeset's tar stream, read from a raw or a zstd-compressed file (told apart by the
+/// zstd magic number, not the file name). A zstd changeset must be one frame that carries a
+/// content checksum; the checksum is checked when the frame's end is read, so a reader must
+/// [`finish`](ChangesetStream::finish) the stream, not stop at the tar's end-of-archive.
+pub(crate) struct ChangesetStream {
+    inner: Inner,
+}
+
+enum Inner {
+    Raw(BufReader<File>),
+    Zstd(zstd::stream::read::Decoder<'static, BufReader<File>>),
+}
+
+impl ChangesetStream {
+    /// Read a changeset from `file` (at its start), `path` naming it in errors.
+    pub(crate) fn new(file: File, path: &Path) -> Result<Self> {
+        let mut r = BufReader::with_capacity(1 << 20, file);
+        let head = r.fill_buf().map_err(io_err("read", path))?;
+        if !head.starts_with(&ZSTD_MAGIC) {
+            return Ok(ChangesetStream {
+                inner: Inner::Raw(r),
+            });
+        }
+        let descriptor = head.get(ZSTD_MAGIC.len()).copied().unwrap_or(0);
+        if descriptor & ZSTD_CHECKSUM_FLAG == 0 {
+            return Err(RootfsError::Refused {
+                archive: path.to_path_buf(),
+                entry: "(zstd frame header)".into(),
+                reason: "the zstd frame carries no content checksum, so damage could not be \
+                         told: cryo writes every changeset with one"
+                    .into(),
+            });
+        }
+        let d = zstd::stream::read::Decoder::with_buffer(r)
+            .map_err(io_err("start zstd for", path))?
+            .single_frame();
+        Ok(ChangesetStream {
+            inner: Inner::Zstd(d),
+        })
+    }
+
+    /// Read what follows the tar's end-of-archive to the end of the file: only zeros (tar
+    /// padding) may follow, and a zstd frame is read to its end, where its checksum is
+    /// checked; nothing may follow the frame.
+    pub(crate) fn finish(mut self) -> Result<(), String> {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = self
+                .read(&mut buf)
+                .map_err(|e| format!("corrupt or truncated stream after the archive: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            if buf[..n].iter().any(|b| *b != 0) {
+                return Err("data after the end-of-archive blocks".into());
+            }
+        }
+        if let Inner::Zstd(d) = self.inner {
+            let mut rest = d.finish();
+            let more = rest
+                .fill_buf()
+                .map_err(|e| format!("reading after the zstd frame: {e}"))?;
+            if !more.is_empty() {
+                return Err("data after the zstd frame".into());
+            }
+        }
+        Ok(())
     }
 }
 
-/// A reader that counts the bytes it delivers and remembers whether its source ran dry.
+impl Read for ChangesetStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut self.inner {
+            Inner::Raw(r) => r.read(buf),
+            Inner::Zstd(d) => d.read(buf),
+        }
+    }
+}
+
+/// Open a changeset for reading, raw tar or zstd-compressed tar alike (a zstd one must carry
+/// its frame checksum, which is checked when the frame's end is read: a caller that stops at
+/// the tar's end-of-archive has not checked it; the validation and the apply read to the end).
+pub fn open_changeset(path: &Path) -> Result<Box<dyn Read + Send>> {
+    let f = File::open(path).map_err(io_err("open", path))?;
+    Ok(Box::new(ChangesetStream::new(f, path)?))
+}
+
+/// Bytes the tar reader may consume for one entry's headers (its long names, PAX records,
+/// sparse map): it holds them in memory, so a hostile archive must not make them huge.
+pub(crate) const HEADER_BUDGET: u64 = 16 << 20;
+
+/// A reader that counts the bytes it delivers, remembers whether its source ran dry, and
+/// refuses to deliver more than a budget while the tar reader looks for the next entry.
 ///
-/// The tar crate expands a sparse entry's holes from `io::repeat(0)` without touching the
-/// stream, so a read that did not advance the count returned hole, not data. And a tar reader
-/// that hit end-of-file (instead of the two zero blocks that end an archive) read a truncated
-/// archive, even when the cut falls exactly between entries.
+/// The tar crate expands an old-GNU sparse entry's holes from `io::repeat(0)` without touching
+/// the stream, so a read that did not advance the count returned hole, not data. And a tar
+/// reader that hit end-of-file (instead of the two zero blocks that end an archive) read a
+/// truncated archive, even when the cut falls exactly between entries.
 pub(crate) struct Counting<R> {
     inner: R,
     count: Rc<Cell<u64>>,
     hit_eof: Rc<Cell<bool>>,
+    limit: Rc<Cell<u64>>,
 }
 
 /// Shared views of a [`Counting`] reader's state, usable while the archive borrows it.
@@ -78,6 +160,7 @@ pub(crate) struct Counting<R> {
 pub(crate) struct Tally {
     count: Rc<Cell<u64>>,
     hit_eof: Rc<Cell<bool>>,
+    limit: Rc<Cell<u64>>,
 }
 
 impl Tally {
@@ -90,6 +173,17 @@ impl Tally {
     pub(crate) fn hit_eof(&self) -> bool {
         self.hit_eof.get()
     }
+
+    /// From now on deliver at most [`HEADER_BUDGET`] bytes (call before asking for the next
+    /// entry).
+    pub(crate) fn budget_headers(&self) {
+        self.limit.set(self.count().saturating_add(HEADER_BUDGET));
+    }
+
+    /// No limit (call once an entry is there, before reading its data).
+    pub(crate) fn unlimited(&self) {
+        self.limit.set(u64::MAX);
+    }
 }
 
 impl<R: Read> Counting<R> {
@@ -98,19 +192,33 @@ impl<R: Read> Counting<R> {
         let t = Tally {
             count: Rc::new(Cell::new(0)),
             hit_eof: Rc::new(Cell::new(false)),
+            limit: Rc::new(Cell::new(u64::MAX)),
         };
         let c = Counting {
             inner,
             count: t.count.clone(),
             hit_eof: t.hit_eof.clone(),
+            limit: t.limit.clone(),
         };
         (c, t)
+    }
+
+    /// The wrapped reader.
+    pub(crate) fn into_inner(self) -> R {
+        self.inner
     }
 }
 
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let left = self.limit.get().saturating_sub(self.count.get());
+        if left == 0 && !buf.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "one entry's headers (long names, PAX records) exceed {HEADER_BUDGET} bytes"
+            )));
+        }
+        let max = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..max])?;
         if n == 0 && !buf.is_empty() {
             self.hit_eof.set(true);
         }

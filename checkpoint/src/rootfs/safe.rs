@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{openat, readlinkat, OFlag};
-use nix::sys::stat::{fstatat, mkdirat, FileStat, Mode, SFlag};
+use nix::sys::stat::{fstatat, FileStat, Mode, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
 /// Linux's own limit on symlinks followed in one lookup.
@@ -98,39 +98,69 @@ pub(crate) fn kind(st: &FileStat) -> SFlag {
     SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
 }
 
+/// Makes a directory the walk found missing: `(parent, parent's path, name)`. The apply
+/// journals the creation first.
+pub(crate) type MakeDir<'a> =
+    &'a mut dyn FnMut(&OwnedFd, &[OsString], &OsStr) -> Result<(), String>;
+
 /// Open directory `parts` below `root`. Symlinks on the way are followed inside the root (an
-/// absolute target restarts at the root); one whose `..` leaves the root is an error. With
-/// `create`, missing directories are made (0755; an archive entry sets the real mode later),
-/// otherwise a missing one gives `Ok(None)`.
+/// absolute target restarts at the root); one whose `..` leaves the root is an error. Missing
+/// directories are made by `make` if given, otherwise a missing one gives `Ok(None)`.
 pub(crate) fn open_dir_in_root(
     root: &OwnedFd,
+    reserved: Option<&OsStr>,
     parts: &[OsString],
-    create: bool,
-) -> Result<Option<OwnedFd>, String> {
-    let mut w = InRoot::new(root)?;
+    mut make: Option<MakeDir<'_>>,
+) -> Result<Option<InRoot>, String> {
+    let mut w = InRoot::new(root, reserved)?;
     for p in parts {
-        if !w.step(p, create)? {
+        if !w.step(p, &mut make)? {
             return Ok(None);
         }
     }
-    w.into_dir().map(Some)
+    Ok(Some(w))
+}
+
+/// Open directory `parts` below `root` without following any symlink: the path a journal
+/// recorded. `Ok(None)` when a component is missing; a component that is not a directory is
+/// an error.
+pub(crate) fn open_real_path(root: &OwnedFd, parts: &[OsString]) -> Result<Option<OwnedFd>, Errno> {
+    let mut cur = root
+        .try_clone()
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+    for p in parts {
+        match openat(
+            Some(cur.as_raw_fd()),
+            p.as_os_str(),
+            dir_flags(),
+            Mode::empty(),
+        ) {
+            Ok(fd) => cur = owned(fd),
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(cur))
 }
 
 /// A directory reached from the root, with every directory on the way held open (a `..` in
 /// a symlink target goes back to the real parent, and never above the root).
 pub(crate) struct InRoot {
     stack: Vec<OwnedFd>,
-    /// Where we are, as the container names it, for messages.
-    shown: PathBuf,
+    /// The real path of `stack[1..]` (symlinks resolved), as the container names it.
+    names: Vec<OsString>,
+    /// A name at the root no walk may enter (the undo directory).
+    reserved: Option<OsString>,
 }
 
 impl InRoot {
     /// Start at the root.
-    pub(crate) fn new(root: &OwnedFd) -> Result<Self, String> {
+    pub(crate) fn new(root: &OwnedFd, reserved: Option<&OsStr>) -> Result<Self, String> {
         let root = root.try_clone().map_err(|e| format!("dup: {e}"))?;
         Ok(InRoot {
             stack: vec![root],
-            shown: PathBuf::from("/"),
+            names: Vec::new(),
+            reserved: reserved.map(OsStr::to_os_string),
         })
     }
 
@@ -141,30 +171,56 @@ impl InRoot {
             .ok_or_else(|| "empty directory stack".to_string())
     }
 
-    /// End the walk, keeping the directory we are in.
-    pub(crate) fn into_dir(mut self) -> Result<OwnedFd, String> {
-        self.stack
+    /// End the walk, keeping the directory we are in and its real path.
+    pub(crate) fn into_dir(mut self) -> Result<(OwnedFd, Vec<OsString>), String> {
+        let fd = self
+            .stack
             .pop()
-            .ok_or_else(|| "empty directory stack".to_string())
+            .ok_or_else(|| "empty directory stack".to_string())?;
+        Ok((fd, self.names))
+    }
+
+    fn shown(&self, name: &OsStr) -> PathBuf {
+        let mut p = PathBuf::from("/");
+        for n in &self.names {
+            p.push(n);
+        }
+        p.join(name)
+    }
+
+    fn check_reserved(&self, name: &OsStr) -> Result<(), String> {
+        if self.stack.len() == 1 && self.reserved.as_deref() == Some(name) {
+            return Err(format!(
+                "the path leads into {}, cryo's undo directory",
+                self.shown(name).display()
+            ));
+        }
+        Ok(())
     }
 
     /// Enter `name` only if it is a real directory (no symlink followed); false otherwise.
     pub(crate) fn enter_real_dir(&mut self, name: &OsStr) -> Result<bool, String> {
+        self.check_reserved(name)?;
         let cur = self.dir()?.as_raw_fd();
         match openat(Some(cur), name, dir_flags(), Mode::empty()) {
             Ok(fd) => {
                 self.stack.push(owned(fd));
-                self.shown.push(name);
+                self.names.push(name.to_os_string());
                 Ok(true)
             }
             Err(Errno::ENOENT) | Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => Ok(false),
-            Err(e) => Err(format!("open {}: {e}", self.shown.join(name).display())),
+            Err(e) => Err(format!("open {}: {e}", self.shown(name).display())),
         }
     }
 
-    /// Walk into `name`, following a symlink there inside the root. With `create`, a missing
-    /// directory is made; without, a missing one returns false (the walk is then unusable).
-    pub(crate) fn step(&mut self, name: &OsStr, create: bool) -> Result<bool, String> {
+    /// Walk into `name`, following a symlink there inside the root. A missing directory is
+    /// made by `make` if given; without, a missing one returns false (the walk is then
+    /// unusable).
+    pub(crate) fn step(
+        &mut self,
+        name: &OsStr,
+        make: &mut Option<MakeDir<'_>>,
+    ) -> Result<bool, String> {
         let mut pending: VecDeque<OsString> = VecDeque::from([name.to_os_string()]);
         let mut hops = 0;
         while let Some(name) = pending.pop_front() {
@@ -175,33 +231,43 @@ impl InRoot {
                 if self.stack.len() == 1 {
                     return Err(format!(
                         "a symlink leads outside the root (above {})",
-                        self.shown.display()
+                        self.shown(OsStr::new("")).display()
                     ));
                 }
                 self.stack.pop();
-                self.shown.pop();
+                self.names.pop();
                 continue;
             }
-            let cur = self.dir()?.as_raw_fd();
-            let here = self.shown.join(&name);
-            match openat(Some(cur), name.as_os_str(), dir_flags(), Mode::empty()) {
+            self.check_reserved(&name)?;
+            let cur = self.dir()?;
+            let here = self.shown(&name);
+            match openat(
+                Some(cur.as_raw_fd()),
+                name.as_os_str(),
+                dir_flags(),
+                Mode::empty(),
+            ) {
                 Ok(fd) => {
                     self.stack.push(owned(fd));
-                    self.shown = here;
+                    self.names.push(name);
                 }
-                Err(Errno::ENOENT) if create => {
-                    let mode = Mode::from_bits_truncate(0o755);
-                    match mkdirat(Some(cur), name.as_os_str(), mode) {
-                        Ok(()) | Err(Errno::EEXIST) => {}
-                        Err(e) => return Err(format!("mkdir {}: {e}", here.display())),
-                    }
-                    let fd = openat(Some(cur), name.as_os_str(), dir_flags(), Mode::empty())
-                        .map_err(|e| format!("open {}: {e}", here.display()))?;
+                Err(Errno::ENOENT) => {
+                    let Some(make) = make.as_mut() else {
+                        return Ok(false);
+                    };
+                    make(cur, &self.names, &name)?;
+                    let fd = openat(
+                        Some(cur.as_raw_fd()),
+                        name.as_os_str(),
+                        dir_flags(),
+                        Mode::empty(),
+                    )
+                    .map_err(|e| format!("open {}: {e}", here.display()))?;
                     self.stack.push(owned(fd));
-                    self.shown = here;
+                    self.names.push(name);
                 }
-                Err(Errno::ENOENT) => return Ok(false),
                 Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
+                    let cur = cur.as_raw_fd();
                     let at = nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW;
                     let st = fstatat(Some(cur), name.as_os_str(), at)
                         .map_err(|e| format!("stat {}: {e}", here.display()))?;
@@ -218,7 +284,7 @@ impl InRoot {
                     if target.first() == Some(&b'/') {
                         // The container sees an absolute target from its own root.
                         self.stack.truncate(1);
-                        self.shown = PathBuf::from("/");
+                        self.names.clear();
                     }
                     let spliced = target
                         .split(|b| *b == b'/')
@@ -235,27 +301,36 @@ impl InRoot {
     }
 }
 
+/// An OS error with what was being done to which name, keeping its kind.
+pub(crate) fn errno_ctx(e: Errno, what: &str, name: &OsStr) -> std::io::Error {
+    std::io::Error::new(
+        std::io::Error::from(e).kind(),
+        format!("{what} {}: {e}", lossy(name)),
+    )
+}
+
 /// Remove `name` in `dir` whatever it is (a directory with all it holds), never following a
 /// symlink. Returns whether something was there.
-pub(crate) fn remove_any(dir: &OwnedFd, name: &OsStr) -> Result<bool, String> {
-    let Some(st) = lstat_at(dir, name).map_err(|e| format!("stat {}: {e}", lossy(name)))? else {
+pub(crate) fn remove_any(dir: &OwnedFd, name: &OsStr) -> std::io::Result<bool> {
+    let Some(st) = lstat_at(dir, name).map_err(|e| errno_ctx(e, "stat", name))? else {
         return Ok(false);
     };
     if kind(&st) == SFlag::S_IFDIR {
         let sub = openat(Some(dir.as_raw_fd()), name, dir_flags(), Mode::empty())
-            .map_err(|e| format!("open {}: {e}", lossy(name)))?;
-        clear_dir(&owned(sub)).map_err(|e| format!("{}/{e}", lossy(name)))?;
+            .map_err(|e| errno_ctx(e, "open", name))?;
+        clear_dir(&owned(sub))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}/{e}", lossy(name))))?;
         unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::RemoveDir)
-            .map_err(|e| format!("rmdir {}: {e}", lossy(name)))?;
+            .map_err(|e| errno_ctx(e, "rmdir", name))?;
     } else {
         unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)
-            .map_err(|e| format!("unlink {}: {e}", lossy(name)))?;
+            .map_err(|e| errno_ctx(e, "unlink", name))?;
     }
     Ok(true)
 }
 
 /// Remove every entry of `dir`; returns how many top-level entries went.
-pub(crate) fn clear_dir(dir: &OwnedFd) -> Result<u64, String> {
+pub(crate) fn clear_dir(dir: &OwnedFd) -> std::io::Result<u64> {
     let mut removed = 0;
     for name in list_dir(dir)? {
         if remove_any(dir, &name)? {
@@ -266,14 +341,14 @@ pub(crate) fn clear_dir(dir: &OwnedFd) -> Result<u64, String> {
 }
 
 /// Names in `dir` (without `.` and `..`), listed before anything is changed in it.
-pub(crate) fn list_dir(dir: &OwnedFd) -> Result<Vec<OsString>, String> {
+pub(crate) fn list_dir(dir: &OwnedFd) -> std::io::Result<Vec<OsString>> {
     // A fresh open description of the same directory, so the listing starts at offset 0.
     let fd = openat(Some(dir.as_raw_fd()), ".", dir_flags(), Mode::empty())
-        .map_err(|e| format!("open: {e}"))?;
-    let mut d = nix::dir::Dir::from(owned(fd)).map_err(|e| format!("opendir: {e}"))?;
+        .map_err(|e| errno_ctx(e, "open", OsStr::new(".")))?;
+    let mut d = nix::dir::Dir::from(owned(fd)).map_err(std::io::Error::from)?;
     let mut names = Vec::new();
     for e in d.iter() {
-        let e = e.map_err(|e| format!("readdir: {e}"))?;
+        let e = e.map_err(std::io::Error::from)?;
         let n = e.file_name().to_bytes();
         if n != b"." && n != b".." {
             names.push(OsString::from_vec(n.to_vec()));
@@ -312,36 +387,54 @@ mod tests {
         assert!(archive_components(b"./").unwrap_err().contains("empty"));
     }
 
+    fn walk(r: &OwnedFd, path: &str, make: bool) -> Result<Option<OwnedFd>, String> {
+        let mut mk = |dir: &OwnedFd, _: &[OsString], name: &OsStr| {
+            let mode = Mode::from_bits_truncate(0o755);
+            nix::sys::stat::mkdirat(Some(dir.as_raw_fd()), name, mode).map_err(|e| e.to_string())
+        };
+        let make: Option<MakeDir<'_>> = if make { Some(&mut mk) } else { None };
+        let w = open_dir_in_root(r, Some(OsStr::new(".undo")), &parts(path), make)?;
+        Ok(w.map(|w| w.into_dir().unwrap().0))
+    }
+
     #[test]
     fn walk_follows_symlinks_inside_the_root_only() {
         let t = tempfile::tempdir().unwrap();
         let root = t.path().join("root");
         std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::fs::create_dir_all(root.join(".undo")).unwrap();
         std::fs::create_dir_all(t.path().join("outside")).unwrap();
         std::os::unix::fs::symlink("/usr/lib", root.join("lib")).unwrap();
         std::os::unix::fs::symlink("usr/../usr", root.join("rel")).unwrap();
         std::os::unix::fs::symlink("../outside", root.join("esc")).unwrap();
+        std::os::unix::fs::symlink("/.undo", root.join("sneaky")).unwrap();
+        std::os::unix::fs::symlink("../.undo", root.join("usr/sneaky")).unwrap();
         std::fs::write(root.join("file"), "x").unwrap();
         let r = open_root(&root).unwrap();
-        let lib = open_dir_in_root(&r, &parts("lib"), false).unwrap().unwrap();
+        let lib = walk(&r, "lib", false).unwrap().unwrap();
         let st = nix::sys::stat::fstat(lib.as_raw_fd()).unwrap();
         let want = std::fs::metadata(root.join("usr/lib")).unwrap();
         assert_eq!(st.st_ino, std::os::unix::fs::MetadataExt::ino(&want));
-        assert!(open_dir_in_root(&r, &parts("rel/lib"), false)
+        let w = open_dir_in_root(&r, None, &parts("rel/lib"), None)
             .unwrap()
-            .is_some());
-        let e = open_dir_in_root(&r, &parts("esc/x"), true).unwrap_err();
+            .unwrap();
+        assert_eq!(
+            w.into_dir().unwrap().1,
+            parts("usr/lib"),
+            "the real path, symlinks resolved"
+        );
+        let e = walk(&r, "esc/x", true).unwrap_err();
         assert!(e.contains("outside the root"), "{e}");
-        assert!(open_dir_in_root(&r, &parts("file/x"), true)
+        assert!(walk(&r, "file/x", true)
             .unwrap_err()
             .contains("not a directory"));
-        assert!(open_dir_in_root(&r, &parts("none"), false)
-            .unwrap()
-            .is_none());
-        assert!(open_dir_in_root(&r, &parts("lib/new/deep"), true)
-            .unwrap()
-            .is_some());
+        assert!(walk(&r, "none", false).unwrap().is_none());
+        assert!(walk(&r, "lib/new/deep", true).unwrap().is_some());
         assert!(root.join("usr/lib/new/deep").is_dir());
+        for into_undo in [".undo", "sneaky/x", "usr/sneaky/x"] {
+            let e = walk(&r, into_undo, true).unwrap_err();
+            assert!(e.contains("undo directory"), "{into_undo}: {e}");
+        }
         assert!(std::fs::read_dir(t.path().join("outside"))
             .unwrap()
             .next()

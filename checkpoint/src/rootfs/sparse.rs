@@ -1,30 +1,39 @@
-//! Sparse files in the archive: finding the data extents with SEEK_DATA/SEEK_HOLE and writing
-//! them as old-GNU sparse entries (type `S`).
+//! Sparse files in the archive, in GNU tar's PAX sparse format 0.1: a regular entry holding
+//! only the data extents back to back, preceded by PAX records giving the map:
 //!
-//! The tar crate reads this format but cannot write it, so the header bytes are built here:
-//! a GNU header whose `size` is the stored data and `realsize` the file size, the first 4
-//! extents in the header's sparse map, `isextended` set when 512-byte extension headers of 21
-//! extents each follow, then the data of every extent back to back, padded to 512 bytes.
+//! - `GNU.sparse.size`: the file's real size;
+//! - `GNU.sparse.numblocks`: how many `(offset, length)` pairs the map has;
+//! - `GNU.sparse.map`: `offset,length,offset,length,…` in decimal.
+//!
+//! GNU tar and bsdtar extract it as the sparse file; the tar crate (and any reader that
+//! ignores those records) sees a regular file of the data's length. The apply reads the map
+//! itself, writes each extent at its offset and sets the final length: its work grows with the
+//! extents and the data, never with the holes. A file ending in a hole ends its map with a
+//! zero-length extent at the real size (GNU tar sets the length from it).
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
-use tar::{EntryType, GnuExtSparseHeader, Header};
+use tar::Entry;
 
-/// Tar block size.
+/// Tar block size: extents are widened to it (a few zeros more, aligned writes).
 const BLOCK: u64 = 512;
-/// Extents held by the main GNU header.
-const IN_HEADER: usize = 4;
-/// Extents held by one extension header.
-const PER_EXTENSION: usize = 21;
+
+/// The most extents one file's map may have. A file with more is captured with its closest
+/// holes filled (stored as zeros), so its map stays a few MB at most.
+pub(crate) const MAX_EXTENTS: usize = 65_536;
+
+const SIZE: &str = "GNU.sparse.size";
+const NUMBLOCKS: &str = "GNU.sparse.numblocks";
+const MAP: &str = "GNU.sparse.map";
+const PREFIX: &str = "GNU.sparse.";
 
 /// `(offset, length)` of the data regions of `f` (size `size`), in order, aligned to 512
-/// bytes (the tar reader wants every data chunk but the last to be a multiple of 512; the
-/// widened regions just carry a few zeros). Empty when the file is all hole.
+/// bytes. Empty when the file is all hole.
 pub(crate) fn data_extents(f: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     let fd = f.as_raw_fd();
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -57,209 +66,365 @@ pub(crate) fn has_holes(extents: &[(u64, u64)], size: u64) -> bool {
     extents.iter().map(|e| e.1).sum::<u64>() < size
 }
 
-/// Write a GNU long-name entry (`L`) for `path` when it does not fit the 100-byte name field;
-/// otherwise put it in `h`. (The tar crate does this for its own entries; sparse entries are
-/// written by hand.)
-fn set_path(w: &mut impl Write, h: &mut Header, path: &[u8]) -> io::Result<()> {
-    let g = h
-        .as_gnu_mut()
-        .ok_or_else(|| io::Error::other("not a GNU header"))?;
-    if path.len() <= g.name.len() {
-        g.name = [0; 100];
-        g.name[..path.len()].copy_from_slice(path);
-        return Ok(());
+/// At most `max` extents: the smallest holes between them are filled (their zeros stored as
+/// data) until the map is short enough.
+pub(crate) fn coalesce(extents: Vec<(u64, u64)>, max: usize) -> Vec<(u64, u64)> {
+    if extents.len() <= max || max == 0 {
+        return extents;
     }
-    let mut l = Header::new_gnu();
-    let name = b"././@LongLink";
-    if let Some(lg) = l.as_gnu_mut() {
-        lg.name[..name.len()].copy_from_slice(name);
+    let mut gaps: Vec<u64> = extents
+        .windows(2)
+        .map(|w| w[1].0 - (w[0].0 + w[0].1))
+        .collect();
+    gaps.sort_unstable();
+    // Filling every gap up to this size removes at least len - max of them.
+    let fill_upto = gaps[extents.len() - max - 1];
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(max);
+    let mut filled = 0;
+    let must_fill = extents.len() - max;
+    for (off, len) in extents {
+        match out.last_mut() {
+            Some(last) if filled < must_fill && off - (last.0 + last.1) <= fill_upto => {
+                last.1 = off + len - last.0;
+                filled += 1;
+            }
+            _ => out.push((off, len)),
+        }
     }
-    l.set_mode(0o644);
-    l.set_entry_type(EntryType::GNULongName);
-    l.set_size(path.len() as u64 + 1);
-    l.set_cksum();
-    w.write_all(l.as_bytes())?;
-    w.write_all(path)?;
-    w.write_all(&[0])?;
-    pad(w, path.len() as u64 + 1)?;
-    // The reader takes the long name; the header keeps a truncated copy for old tools.
-    g.name = [0; 100];
-    g.name[..99].copy_from_slice(&path[..99]);
-    Ok(())
+    out
 }
 
-/// Zeros up to the next 512-byte boundary after `len` bytes of data.
-fn pad(w: &mut impl Write, len: u64) -> io::Result<()> {
-    let n = ((BLOCK - len % BLOCK) % BLOCK) as usize;
-    w.write_all(&[0u8; BLOCK as usize][..n])
-}
-
-/// Write `f` (`size` bytes, data in `extents`) as a GNU sparse entry named `path`, with the
-/// mode/owner/times already set in `h`. Returns the data bytes stored.
-pub(crate) fn write_sparse(
-    w: &mut impl Write,
-    mut h: Header,
-    path: &[u8],
-    f: &File,
-    size: u64,
-    extents: &[(u64, u64)],
-    buf: &mut [u8],
-) -> io::Result<u64> {
-    let stored: u64 = extents.iter().map(|e| e.1).sum();
+/// The PAX records describing a file of `size` bytes with data in `extents`.
+pub(crate) fn pax_records(size: u64, extents: &[(u64, u64)]) -> Vec<(String, Vec<u8>)> {
     let mut map: Vec<(u64, u64)> = extents.to_vec();
-    // The reader checks the map reaches the real size: a file ending in a hole ends with an
-    // empty extent at its end.
     if map.last().map(|(o, l)| o + l) != Some(size) {
         map.push((size, 0));
     }
-    set_path(w, &mut h, path)?;
-    h.set_entry_type(EntryType::GNUSparse);
-    h.set_size(stored);
-    let (head, rest) = map.split_at(map.len().min(IN_HEADER));
-    let chunks: Vec<&[(u64, u64)]> = rest.chunks(PER_EXTENSION).collect();
-    let g = h
-        .as_gnu_mut()
-        .ok_or_else(|| io::Error::other("not a GNU header"))?;
-    for (slot, (off, len)) in g.sparse.iter_mut().zip(head) {
-        slot.set_offset(*off);
-        slot.set_length(*len);
-    }
-    g.isextended[0] = u8::from(!chunks.is_empty());
-    g.set_real_size(size);
-    h.set_cksum();
-    w.write_all(h.as_bytes())?;
-    for (i, chunk) in chunks.iter().enumerate() {
-        let mut x = GnuExtSparseHeader::new();
-        for (slot, (off, len)) in x.sparse.iter_mut().zip(chunk.iter()) {
-            slot.set_offset(*off);
-            slot.set_length(*len);
-        }
-        x.isextended[0] = u8::from(i + 1 < chunks.len());
-        w.write_all(x.as_bytes())?;
-    }
-    for (off, len) in extents {
-        copy_range(w, f, *off, *len, buf)?;
-    }
-    pad(w, stored)?;
-    Ok(stored)
+    let text: Vec<String> = map.iter().map(|(o, l)| format!("{o},{l}")).collect();
+    vec![
+        (SIZE.to_string(), size.to_string().into_bytes()),
+        (NUMBLOCKS.to_string(), map.len().to_string().into_bytes()),
+        (MAP.to_string(), text.join(",").into_bytes()),
+    ]
 }
 
-/// Copy `len` bytes of `f` from `off`. A file that shrank under us (only possible when
-/// something outside the frozen container writes to it) reads as zeros past its end, so the
-/// archive keeps the sizes its headers announce.
-pub(crate) fn copy_range(
-    w: &mut impl Write,
-    f: &File,
-    mut off: u64,
-    len: u64,
-    buf: &mut [u8],
-) -> io::Result<()> {
-    let mut left = len;
-    while left > 0 {
-        let want = (left.min(buf.len() as u64)) as usize;
-        let n = match f.read_at(&mut buf[..want], off) {
-            Ok(0) => {
-                buf[..want].fill(0);
-                want
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        w.write_all(&buf[..n])?;
-        off += n as u64;
-        left -= n as u64;
+/// The data of `extents` of `f`, back to back: what a sparse entry stores. A file that
+/// shrank under us (only possible when something outside the frozen container writes to it)
+/// reads as zeros past its end, so the archive keeps the sizes its headers announce.
+pub(crate) struct ExtentReader<'a> {
+    f: &'a File,
+    extents: &'a [(u64, u64)],
+    /// Bytes of `extents[0]` already delivered.
+    done: u64,
+}
+
+impl<'a> ExtentReader<'a> {
+    pub(crate) fn new(f: &'a File, extents: &'a [(u64, u64)]) -> Self {
+        ExtentReader {
+            f,
+            extents,
+            done: 0,
+        }
     }
-    Ok(())
+}
+
+impl Read for ExtentReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let Some(&(off, len)) = self.extents.first() else {
+                return Ok(0);
+            };
+            if self.done == len {
+                self.extents = &self.extents[1..];
+                self.done = 0;
+                continue;
+            }
+            let want = (len - self.done).min(buf.len() as u64) as usize;
+            if want == 0 {
+                return Ok(0);
+            }
+            let n = match self.f.read_at(&mut buf[..want], off + self.done)? {
+                0 => {
+                    buf[..want].fill(0);
+                    want
+                }
+                n => n,
+            };
+            self.done += n as u64;
+            return Ok(n);
+        }
+    }
+}
+
+/// A sparse entry's map, checked: sorted, not overlapping, within the real size, the lengths
+/// adding up to the data the entry holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SparseMap {
+    /// The file's size.
+    pub(crate) real_size: u64,
+    /// `(offset, length)` of the data, in the order the entry holds it.
+    pub(crate) extents: Vec<(u64, u64)>,
+}
+
+/// A decimal number as GNU tar writes it: digits only.
+fn number(what: &str, s: &[u8]) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "{what}: {:?} is not a decimal number",
+            String::from_utf8_lossy(s)
+        )
+    };
+    if s.is_empty() || s.len() > 20 || !s.iter().all(u8::is_ascii_digit) {
+        return Err(bad());
+    }
+    std::str::from_utf8(s)
+        .map_err(|_| bad())?
+        .parse::<u64>()
+        .map_err(|_| bad())
+}
+
+/// The sparse map of `entry` (whose data is `data_len` bytes), if its PAX records give one.
+pub(crate) fn sparse_map<R: Read>(
+    entry: &mut Entry<'_, R>,
+    data_len: u64,
+) -> Result<Option<SparseMap>, String> {
+    let Some(exts) = entry
+        .pax_extensions()
+        .map_err(|e| format!("bad PAX header: {e}"))?
+    else {
+        return Ok(None);
+    };
+    let (mut size, mut count, mut map) = (None, None, None);
+    for ext in exts {
+        let ext = ext.map_err(|e| format!("bad PAX record: {e}"))?;
+        let Ok(key) = ext.key() else { continue };
+        let Some(rest) = key.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let v = ext.value_bytes();
+        match rest {
+            "size" => size = Some(number(SIZE, v)?),
+            "numblocks" => count = Some(number(NUMBLOCKS, v)?),
+            "map" => map = Some(v.to_vec()),
+            "major" if v == b"0" => {}
+            "minor" if v == b"1" => {}
+            _ => {
+                return Err(format!(
+                    "PAX record {key}: only GNU tar's sparse format 0.1 (GNU.sparse.size, \
+                     numblocks and map) is supported"
+                ))
+            }
+        }
+    }
+    let (real_size, count, map) = match (size, count, map) {
+        (None, None, None) => return Ok(None),
+        (Some(s), Some(c), Some(m)) => (s, c, m),
+        _ => {
+            return Err(format!(
+                "incomplete sparse map: {SIZE}, {NUMBLOCKS} and {MAP} must all be given"
+            ))
+        }
+    };
+    if count > MAX_EXTENTS as u64 {
+        return Err(format!(
+            "sparse map of {count} extents: at most {MAX_EXTENTS} are accepted"
+        ));
+    }
+    let fields: Vec<&[u8]> = if map.is_empty() {
+        Vec::new()
+    } else {
+        map.split(|b| *b == b',').collect()
+    };
+    if fields.len() as u64 != count * 2 {
+        return Err(format!(
+            "sparse map has {} numbers, {NUMBLOCKS} says {count} pairs",
+            fields.len()
+        ));
+    }
+    let mut extents = Vec::with_capacity(count as usize);
+    let (mut end, mut stored) = (0u64, 0u64);
+    for pair in fields.chunks(2) {
+        let off = number(MAP, pair[0])?;
+        let len = number(MAP, pair[1])?;
+        let stop = off
+            .checked_add(len)
+            .filter(|s| *s <= real_size)
+            .ok_or_else(|| {
+                format!("sparse extent {off}+{len} ends past the file's size {real_size}")
+            })?;
+        if off < end {
+            return Err(format!(
+                "sparse extent at {off} overlaps or precedes the one ending at {end}"
+            ));
+        }
+        end = stop;
+        stored = stored.saturating_add(len);
+        extents.push((off, len));
+    }
+    if stored != data_len {
+        return Err(format!(
+            "sparse map covers {stored} bytes of data but the entry holds {data_len}"
+        ));
+    }
+    Ok(Some(SparseMap { real_size, extents }))
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
+    use std::io::Write;
 
-    /// A 1 GiB file with a few KiB of data, in a tar of a few KiB, read back by the tar crate
-    /// with the same content at the same offsets.
-    #[test]
-    fn one_gib_sparse_file_costs_kilobytes() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("big");
-        let f = File::create(&p).unwrap();
-        const GIB: u64 = 1 << 30;
-        f.set_len(GIB).unwrap();
-        let offsets = [0u64, 4096 * 1000 + 100, 700 << 20, GIB - 10];
-        for (i, o) in offsets.iter().enumerate() {
-            f.write_all_at(&[b'a' + i as u8; 10], *o).unwrap();
-        }
-        let f = File::open(&p).unwrap();
-        let ext = data_extents(&f, GIB).unwrap();
-        assert!(has_holes(&ext, GIB));
-        let mut h = Header::new_gnu();
-        h.set_mode(0o640);
-        let long = format!("{}/big", "d".repeat(120));
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 1 << 16];
-        let stored = write_sparse(&mut out, h, long.as_bytes(), &f, GIB, &ext, &mut buf).unwrap();
-        assert!(stored <= 4 * 8192, "{stored} bytes stored");
-        out.extend_from_slice(&[0u8; 1024]);
-        assert!(out.len() < 64 * 1024, "archive of {} bytes", out.len());
-        let mut ar = tar::Archive::new(&out[..]);
-        let mut e = ar.entries().unwrap().next().unwrap().unwrap();
-        assert_eq!(e.path_bytes().as_ref(), long.as_bytes());
-        assert_eq!(e.size(), GIB);
-        let mut got = [0u8; 10];
-        let mut pos = 0u64;
-        let mut chunk = vec![0u8; 1 << 20];
-        let mut found = Vec::new();
-        loop {
-            let n = e.read(&mut chunk).unwrap();
-            if n == 0 {
-                break;
-            }
-            for o in offsets {
-                if o >= pos && o + 10 <= pos + n as u64 {
-                    let s = (o - pos) as usize;
-                    got.copy_from_slice(&chunk[s..s + 10]);
-                    found.push(got[0]);
-                }
-            }
-            pos += n as u64;
-        }
-        assert_eq!(pos, GIB);
-        assert_eq!(found, vec![b'a', b'b', b'c', b'd']);
-        assert!(std::fs::metadata(&p).unwrap().blocks() < 1024);
+    fn archive_of(records: &[(String, Vec<u8>)], data: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "f", data).unwrap();
+        b.into_inner().unwrap()
     }
 
-    /// More than 4 extents need extension headers; a file ending in a hole needs the final
-    /// empty extent.
-    #[test]
-    fn many_extents_and_trailing_hole() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("f");
-        let f = File::create(&p).unwrap();
-        let size = 200u64 << 20;
-        f.set_len(size).unwrap();
-        for i in 0..60u64 {
-            f.write_all_at(&[i as u8 + 1; 3000], i * (3 << 20)).unwrap();
-        }
-        let f = File::open(&p).unwrap();
-        let ext = data_extents(&f, size).unwrap();
-        assert_eq!(ext.len(), 60);
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 1 << 16];
-        write_sparse(&mut out, Header::new_gnu(), b"f", &f, size, &ext, &mut buf).unwrap();
-        out.extend_from_slice(&[0u8; 1024]);
-        let mut ar = tar::Archive::new(&out[..]);
+    fn map_of(records: &[(&str, &str)], data_len: usize) -> Result<Option<SparseMap>, String> {
+        let recs: Vec<(String, Vec<u8>)> = records
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        let bytes = archive_of(&recs, &vec![1u8; data_len]);
+        let mut ar = tar::Archive::new(&bytes[..]);
         let mut e = ar.entries().unwrap().next().unwrap().unwrap();
-        let mut all = Vec::new();
-        e.read_to_end(&mut all).unwrap();
-        assert_eq!(all.len() as u64, size);
-        for i in 0..60u64 {
-            let o = (i * (3 << 20)) as usize;
-            assert!(all[o..o + 3000].iter().all(|b| *b == i as u8 + 1));
-            assert_eq!(all[o + 3000], 0);
+        let size = e.size();
+        sparse_map(&mut e, size)
+    }
+
+    #[test]
+    fn maps_are_checked_strictly() {
+        let ok = map_of(
+            &[
+                (SIZE, "10000"),
+                (NUMBLOCKS, "3"),
+                (MAP, "0,10,512,20,10000,0"),
+            ],
+            30,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(ok.real_size, 10000);
+        assert_eq!(ok.extents, vec![(0, 10), (512, 20), (10000, 0)]);
+        assert_eq!(map_of(&[("SCHILY.xattr.user.x", "y")], 5).unwrap(), None);
+        let refused = [
+            (
+                vec![(SIZE, "100"), (NUMBLOCKS, "1"), (MAP, "90,20")],
+                20,
+                "past the file",
+            ),
+            (
+                vec![(SIZE, "100"), (NUMBLOCKS, "2"), (MAP, "0,20,10,5")],
+                25,
+                "overlaps",
+            ),
+            (
+                vec![(SIZE, "100"), (NUMBLOCKS, "2"), (MAP, "50,5,0,5")],
+                10,
+                "precedes",
+            ),
+            (
+                vec![(SIZE, "100"), (NUMBLOCKS, "1"), (MAP, "0,10")],
+                11,
+                "entry holds 11",
+            ),
+            (
+                vec![(SIZE, "100"), (NUMBLOCKS, "2"), (MAP, "0,10")],
+                10,
+                "says 2 pairs",
+            ),
+            (
+                vec![(SIZE, "+100"), (NUMBLOCKS, "1"), (MAP, "0,1")],
+                1,
+                "not a decimal",
+            ),
+            (vec![(SIZE, "100"), (MAP, "0,1")], 1, "incomplete"),
+            (
+                vec![(SIZE, "1"), (NUMBLOCKS, "99999999"), (MAP, "")],
+                0,
+                "at most",
+            ),
+            (vec![("GNU.sparse.realsize", "100")], 0, "format 0.1"),
+            (
+                vec![
+                    (SIZE, "18446744073709551615"),
+                    (NUMBLOCKS, "1"),
+                    (MAP, "18446744073709551615,1"),
+                ],
+                1,
+                "past the file",
+            ),
+        ];
+        for (recs, len, why) in refused {
+            let e = map_of(&recs, len).unwrap_err();
+            assert!(e.contains(why), "{recs:?}: {e}");
         }
+    }
+
+    #[test]
+    fn coalescing_keeps_every_byte_and_bounds_the_map() {
+        let ext: Vec<(u64, u64)> = (0..100u64)
+            .map(|i| (i * 4096 + (i % 7) * 512, 512))
+            .collect();
+        let c = coalesce(ext.clone(), 10);
+        assert!(c.len() <= 10, "{}", c.len());
+        for (o, l) in &ext {
+            assert!(
+                c.iter().any(|(co, cl)| co <= o && o + l <= co + cl),
+                "{o} lost"
+            );
+        }
+        assert!(c.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+        assert_eq!(coalesce(ext.clone(), 1000), ext);
+    }
+
+    /// GNU tar itself extracts the format: same data at the same offsets, same size, holes.
+    #[test]
+    fn gnu_tar_extracts_the_sparse_file() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        let f = File::create(&src).unwrap();
+        let size = 64u64 << 20;
+        f.set_len(size).unwrap();
+        for (i, off) in [4096u64, 10 << 20, 40 << 20].iter().enumerate() {
+            f.write_all_at(&[b'a' + i as u8; 3000], *off).unwrap();
+        }
+        let f = File::open(&src).unwrap();
+        let ext = data_extents(&f, size).unwrap();
+        let mut recs = pax_records(size, &ext);
+        recs.push(("path".into(), b"out/sparse".to_vec()));
+        let mut data = Vec::new();
+        ExtentReader::new(&f, &ext).read_to_end(&mut data).unwrap();
+        assert_eq!(data.len() as u64, ext.iter().map(|e| e.1).sum::<u64>());
+        let bytes = archive_of(&recs, &data);
+        let tarball = t.path().join("a.tar");
+        std::fs::File::create(&tarball)
+            .unwrap()
+            .write_all(&bytes)
+            .unwrap();
+        let st = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(t.path())
+            .status()
+            .expect("GNU tar runs");
+        assert!(st.success());
+        let out = t.path().join("out/sparse");
+        let got = std::fs::read(&out).unwrap();
+        assert_eq!(got, std::fs::read(&src).unwrap());
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&out).unwrap());
+        assert!(blocks * 512 < 1 << 20, "extracted dense: {blocks} blocks");
+        // The tar crate sees a plain file of the data's length.
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let e = ar.entries().unwrap().next().unwrap().unwrap();
+        assert_eq!(e.size(), data.len() as u64);
+        assert_eq!(e.header().entry_type(), tar::EntryType::Regular);
     }
 }

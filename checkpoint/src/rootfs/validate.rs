@@ -1,5 +1,8 @@
-//! The first pass of a restore: read the whole archive, every header and every data byte, and
-//! refuse it before anything is written if any entry is hostile, unknown or broken.
+//! The first pass of a restore: read the whole archive, every header and every data byte to
+//! the end of the file (a zstd frame's checksum is checked there), and refuse it before
+//! anything is written if any entry is hostile, unknown, broken or beyond its limits: paths
+//! the kernel cannot make, device nodes the runtime would not create, sizes beyond what the
+//! capture recorded or what the target's filesystem has free.
 //!
 //! To judge where an entry would land, the pass keeps a model of what the entries before it
 //! did (a directory made here, a symlink there, a path deleted) on top of the target as it
@@ -9,26 +12,43 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use nix::fcntl::openat;
 use nix::sys::stat::{Mode, SFlag};
-use nix::sys::time::TimeSpec;
-use nix::unistd::{Gid, Uid};
 use tar::{Archive, Entry, EntryType};
 
-use super::codec::{open_changeset, Counting};
-use super::safe::{archive_components, key, kind, lstat_at, show, InRoot};
+use super::codec::{ChangesetStream, Counting};
+use super::meta::{check_symlink_target, checked_components, Meta};
+use super::policy::{ChangesetSizes, DeviceKind, DeviceNode, LEGACY_SPARSE_MAX_BYTES};
+use super::safe::{dir_flags, key, kind, list_dir, lstat_at, owned, show, InRoot};
+use super::sparse::sparse_map;
 use super::{ApplyPolicy, Result, RootfsError, OPAQUE_MARKER, WHITEOUT_PREFIX};
+
+/// What a changeset holds, as its validation counted it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangesetSummary {
+    /// Archive entries (markers included).
+    pub entries: u64,
+    /// File data and total file size declared.
+    pub sizes: ChangesetSizes,
+    /// Bytes the apply may need on the target's filesystem (data in whole blocks, a block per
+    /// directory, and on an overlay the copies of replaced lower files kept for the undo).
+    /// 0 when validated without a target.
+    pub needed_bytes: u64,
+    /// Inodes the apply may need.
+    pub needed_inodes: u64,
+}
 
 /// What the validation learnt, for the apply pass.
 pub(crate) struct Plan {
     /// Opaque directories (`a/b` bytes): what they held in the target goes first.
     pub(crate) opaque: HashSet<Vec<u8>>,
-    /// Device nodes the policy allows (`dev/null` bytes).
-    pub(crate) devices: HashSet<Vec<u8>>,
+    pub(crate) summary: ChangesetSummary,
 }
 
 /// What an earlier entry left at a path.
@@ -42,35 +62,51 @@ enum Made {
     Deleted,
 }
 
-/// Validate `archive` against the target root `root`; see the module docs.
-pub(crate) fn validate(archive: &Path, root: &OwnedFd, policy: &ApplyPolicy) -> Result<Plan> {
+/// The target a changeset is validated against.
+pub(crate) struct Target<'a> {
+    pub(crate) root: &'a OwnedFd,
+    pub(crate) path: &'a Path,
+    /// The undo directory's name, which no entry may reach.
+    pub(crate) reserved: &'a OsStr,
+}
+
+/// Validate the changeset `archive` (open as `file`, at its start) under `policy`, against
+/// `target` if given (without one, symlinks and free space are not judged); see the module
+/// docs.
+pub(crate) fn validate(
+    archive: &Path,
+    file: File,
+    target: Option<&Target<'_>>,
+    policy: &ApplyPolicy,
+) -> Result<Plan> {
     let refuse = |entry: String, reason: String| RootfsError::Refused {
         archive: archive.to_path_buf(),
         entry,
         reason,
     };
-    let mut devices = HashSet::new();
-    for d in &policy.allowed_devices {
-        let parts = archive_components(d.trim_start_matches('/').as_bytes())
-            .map_err(|r| refuse(d.clone(), format!("allowed device path: {r}")))?;
-        devices.insert(key(&parts));
-    }
+    let fs = target.map(FsFacts::of).transpose()?;
     let mut v = Validator {
-        root,
+        target,
+        policy,
+        fs,
         made: BTreeMap::new(),
         plan: Plan {
             opaque: HashSet::new(),
-            devices,
+            summary: ChangesetSummary::default(),
         },
+        legacy_sparse: 0,
     };
-    let (reader, tally) = Counting::new(open_changeset(archive)?);
+    let (reader, tally) = Counting::new(ChangesetStream::new(file, archive)?);
     let mut ar = Archive::new(reader);
     let mut last = "(start of the archive)".to_string();
     let mut buf = vec![0u8; 1 << 20];
-    let entries = ar
+    let mut entries = ar
         .entries()
         .map_err(|e| refuse(last.clone(), format!("unreadable archive: {e}")))?;
-    for entry in entries {
+    loop {
+        tally.budget_headers();
+        let Some(entry) = entries.next() else { break };
+        tally.unlimited();
         let mut entry = entry.map_err(|e| {
             refuse(
                 format!("after {last}"),
@@ -79,26 +115,8 @@ pub(crate) fn validate(archive: &Path, root: &OwnedFd, policy: &ApplyPolicy) -> 
         })?;
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
-        v.check(&mut entry, &raw)
+        v.check(&mut entry, &raw, &mut buf)
             .map_err(|r| refuse(shown.clone(), r))?;
-        // Read the data too: a cut or corrupt stream shows here, not halfway through the apply.
-        let want = entry.size();
-        let mut got = 0u64;
-        loop {
-            let n = entry
-                .read(&mut buf)
-                .map_err(|e| refuse(shown.clone(), format!("truncated or corrupt data: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            got += n as u64;
-        }
-        if got != want {
-            return Err(refuse(
-                shown,
-                format!("truncated archive: {got} of {want} data bytes"),
-            ));
-        }
         last = shown;
     }
     if tally.hit_eof() {
@@ -107,53 +125,140 @@ pub(crate) fn validate(archive: &Path, root: &OwnedFd, policy: &ApplyPolicy) -> 
             "truncated archive: it ends without the end-of-archive blocks".into(),
         ));
     }
+    ar.into_inner()
+        .into_inner()
+        .finish()
+        .map_err(|r| refuse(format!("after {last}"), r))?;
+    if let (Some(fs), Some(t)) = (&v.fs, target) {
+        fs.check_room(t.path, &v.plan.summary)?;
+    }
     Ok(v.plan)
 }
 
+/// Facts about the target's filesystem.
+struct FsFacts {
+    /// Allocation unit.
+    block: u64,
+    /// Replacing an entry copies it up first (kept for the undo).
+    overlay: bool,
+    free_bytes: u64,
+    /// `None` when the filesystem does not count inodes.
+    free_inodes: Option<u64>,
+}
+
+impl FsFacts {
+    fn of(t: &Target<'_>) -> Result<Self> {
+        let err = |e: nix::errno::Errno| RootfsError::Io {
+            step: "statfs",
+            path: t.path.to_path_buf(),
+            source: e.into(),
+        };
+        let vfs = nix::sys::statvfs::fstatvfs(t.root).map_err(err)?;
+        let sfs = nix::sys::statfs::fstatfs(t.root).map_err(err)?;
+        Ok(FsFacts {
+            block: vfs.fragment_size().max(512),
+            overlay: sfs.filesystem_type() == nix::sys::statfs::OVERLAYFS_SUPER_MAGIC,
+            free_bytes: vfs.blocks_available().saturating_mul(vfs.fragment_size()),
+            free_inodes: (vfs.files() > 0).then(|| vfs.files_available()),
+        })
+    }
+
+    fn blocks(&self, bytes: u64) -> u64 {
+        bytes.div_ceil(self.block).saturating_mul(self.block)
+    }
+
+    fn check_room(&self, path: &Path, s: &ChangesetSummary) -> Result<()> {
+        if s.needed_bytes > self.free_bytes {
+            return Err(RootfsError::NoSpace {
+                path: path.to_path_buf(),
+                what: "bytes",
+                needed: s.needed_bytes,
+                free: self.free_bytes,
+            });
+        }
+        match self.free_inodes {
+            Some(free) if s.needed_inodes > free => Err(RootfsError::NoSpace {
+                path: path.to_path_buf(),
+                what: "inodes",
+                needed: s.needed_inodes,
+                free,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 struct Validator<'a> {
-    root: &'a OwnedFd,
+    target: Option<&'a Target<'a>>,
+    policy: &'a ApplyPolicy,
+    fs: Option<FsFacts>,
     /// Paths the entries so far made or deleted, by `a/b` bytes.
     made: BTreeMap<Vec<u8>, Made>,
     plan: Plan,
+    /// Logical bytes of old-GNU sparse entries so far.
+    legacy_sparse: u64,
 }
 
 impl Validator<'_> {
-    fn check<R: Read>(&mut self, entry: &mut Entry<'_, R>, raw: &[u8]) -> Result<(), String> {
-        let parts = archive_components(raw)?;
+    fn reserved(&self) -> Option<&OsStr> {
+        self.target.map(|t| t.reserved)
+    }
+
+    fn check<R: Read>(
+        &mut self,
+        entry: &mut Entry<'_, R>,
+        raw: &[u8],
+        buf: &mut [u8],
+    ) -> Result<(), String> {
+        let parts = checked_components(raw, self.reserved())?;
         let ty = entry.header().entry_type();
+        self.plan.summary.entries += 1;
         let name = parts.last().ok_or("empty path")?.as_bytes().to_vec();
         if let Some(victim) = name.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
-            if !matches!(ty, EntryType::Regular | EntryType::Continuous) {
+            if !matches!(ty, EntryType::Regular | EntryType::Continuous) || entry.size() != 0 {
                 return Err(format!(
-                    "whiteout marker must be an empty regular file, not {ty:?}"
+                    "whiteout marker must be an empty regular file, not {ty:?} of {} bytes",
+                    entry.size()
                 ));
             }
-            self.walk_parents(&parts)?;
-            let parent = &parts[..parts.len() - 1];
+            let parent_parts = &parts[..parts.len() - 1];
+            let parent = self.walk_parents(&parts)?;
             if name == OPAQUE_MARKER.as_bytes() {
-                if parent.is_empty() {
+                if parent_parts.is_empty() {
                     return Err("opaque marker for the root directory itself".into());
                 }
-                self.plan.opaque.insert(key(parent));
+                self.cost_of_contents(parent_parts)?;
+                self.plan.opaque.insert(key(parent_parts));
                 return Ok(());
             }
             if victim.starts_with(b".wh.") || matches!(victim, b"" | b"." | b"..") {
                 return Err("unknown whiteout meta-entry or whiteout of an invalid name".into());
             }
-            let mut gone = parent.to_vec();
+            let mut gone = parent_parts.to_vec();
             gone.push(OsStr::from_bytes(victim).to_os_string());
+            self.cost_of_replacing(parent.as_ref(), &gone, false)?;
             self.record(&gone, Made::Deleted);
             return Ok(());
         }
+        let data = entry.size();
         let made = match ty {
-            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => Made::Other,
+            EntryType::Regular | EntryType::Continuous => {
+                let logical = match sparse_map(entry, data)? {
+                    Some(map) => map.real_size,
+                    None => data,
+                };
+                self.count_file(data, logical)?;
+                Made::Other
+            }
+            EntryType::GNUSparse => {
+                self.legacy_sparse_entry(entry)?;
+                Made::Other
+            }
             EntryType::Fifo => Made::Other,
             EntryType::Directory => Made::Dir,
             EntryType::Symlink => {
                 let t = entry.link_name_bytes().ok_or("symlink without a target")?;
-                if t.is_empty() || t.contains(&0) {
-                    return Err("symlink with an empty target or a NUL byte in it".into());
-                }
+                check_symlink_target(&t)?;
                 Made::Symlink
             }
             EntryType::Link => {
@@ -164,20 +269,105 @@ impl Validator<'_> {
                 Made::Other
             }
             EntryType::Char | EntryType::Block => {
-                if !self.plan.devices.contains(&key(&parts)) {
-                    return Err(
-                        "device node not recorded at checkpoint (not in the allowed devices)"
-                            .into(),
-                    );
+                let node = device_node(entry)?;
+                if !self.policy.allows(&node) {
+                    return Err(format!(
+                        "device node {} {}:{} is not one the runtime creates for this \
+                         container (the target spec's linux.devices and runc's default \
+                         devices): refused whatever the image records",
+                        if node.kind == DeviceKind::Char {
+                            "c"
+                        } else {
+                            "b"
+                        },
+                        node.major,
+                        node.minor
+                    ));
                 }
                 Made::Other
             }
             other => return Err(format!("unsupported entry type {other:?}")),
         };
-        self.walk_parents(&parts)?;
+        let parent = self.walk_parents(&parts)?;
         Meta::of(entry)?;
+        self.cost_of_replacing(parent.as_ref(), &parts, made == Made::Dir)?;
+        if !matches!(ty, EntryType::Link) {
+            self.plan.summary.needed_inodes += 1;
+        }
+        if made == Made::Dir {
+            let block = self.fs.as_ref().map_or(0, |f| f.block);
+            self.plan.summary.needed_bytes += block;
+        }
         self.record(&parts, made);
+        // Read the data too: a cut or corrupt stream shows here, not halfway through the apply.
+        let mut got = 0u64;
+        loop {
+            let n = entry
+                .read(buf)
+                .map_err(|e| format!("truncated or corrupt data: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        if got != data {
+            return Err(format!("truncated archive: {got} of {data} data bytes"));
+        }
         Ok(())
+    }
+
+    /// Count a regular file's data and size, within what the capture recorded.
+    fn count_file(&mut self, data: u64, logical: u64) -> Result<(), String> {
+        let s = &mut self.plan.summary;
+        s.sizes.data_bytes = s.sizes.data_bytes.saturating_add(data);
+        s.sizes.logical_bytes = s.sizes.logical_bytes.saturating_add(logical);
+        s.needed_bytes = s
+            .needed_bytes
+            .saturating_add(self.fs.as_ref().map_or(0, |f| f.blocks(data)));
+        if let Some(d) = self.policy.declared() {
+            if s.sizes.data_bytes > d.data_bytes {
+                return Err(format!(
+                    "the archive holds more file data than the capture recorded: over {} \
+                     bytes so far, {} recorded",
+                    s.sizes.data_bytes, d.data_bytes
+                ));
+            }
+            if s.sizes.logical_bytes > d.logical_bytes {
+                return Err(format!(
+                    "the archive's files are larger than the capture recorded: over {} bytes \
+                     so far, {} recorded",
+                    s.sizes.logical_bytes, d.logical_bytes
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// An old-GNU sparse entry: only for format-1 images, and only so big in all (the tar
+    /// reader expands its holes).
+    fn legacy_sparse_entry<R: Read>(&mut self, entry: &Entry<'_, R>) -> Result<(), String> {
+        if !self.policy.legacy_sparse() {
+            return Err(
+                "old-GNU sparse entry (type S): only changesets of image format 1 hold them, \
+                 and this image is not declared as one"
+                    .into(),
+            );
+        }
+        let logical = entry.size();
+        let data = entry
+            .header()
+            .entry_size()
+            .map_err(|e| format!("bad size field: {e}"))?;
+        self.legacy_sparse = self.legacy_sparse.saturating_add(logical);
+        if self.legacy_sparse > LEGACY_SPARSE_MAX_BYTES {
+            return Err(format!(
+                "old-GNU sparse entries declare over {} bytes in all; an image of format 1 \
+                 may declare at most {LEGACY_SPARSE_MAX_BYTES} (their holes cost time to \
+                 read): checkpoint again with this cryo, whose images store holes for free",
+                self.legacy_sparse
+            ));
+        }
+        self.count_file(data, logical)
     }
 
     /// Note what an entry leaves at `parts`; a non-directory there replaces a whole subtree.
@@ -199,7 +389,10 @@ impl Validator<'_> {
     /// going through a symlink the archive made. Returns the parent as it is in the target
     /// now, or `None` when the apply will make it (new, or replacing what is there).
     fn walk_parents(&self, parts: &[OsString]) -> Result<Option<InRoot>, String> {
-        let mut cur = Some(InRoot::new(self.root)?);
+        let mut cur = match self.target {
+            Some(t) => Some(InRoot::new(t.root, Some(t.reserved))?),
+            None => None,
+        };
         for i in 0..parts.len().saturating_sub(1) {
             let prefix = &parts[..=i];
             let k = key(prefix);
@@ -230,7 +423,7 @@ impl Validator<'_> {
                 }
                 None => {
                     if let Some(mut w) = cur.take() {
-                        let found = w.step(name, false).map_err(|r| {
+                        let found = w.step(name, &mut None).map_err(|r| {
                             format!("cannot go through {} in the target: {r}", show(prefix))
                         })?;
                         if found {
@@ -247,8 +440,57 @@ impl Validator<'_> {
         Ok(cur)
     }
 
+    /// On an overlay, an existing entry the apply replaces or removes is first copied up
+    /// (renamed into the undo directory): count what that copies.
+    fn cost_of_replacing(
+        &mut self,
+        parent: Option<&InRoot>,
+        parts: &[OsString],
+        keeps_a_dir: bool,
+    ) -> Result<(), String> {
+        let (Some(fs), Some(parent)) = (&self.fs, parent) else {
+            return Ok(());
+        };
+        if !fs.overlay || self.made.contains_key(&key(parts)) {
+            return Ok(());
+        }
+        let leaf = parts.last().ok_or("empty path")?;
+        let dir = parent.dir()?;
+        if keeps_a_dir {
+            // A directory entry over a directory keeps it: nothing moves.
+            let st = lstat_at(dir, leaf).map_err(|e| format!("stat {}: {e}", show(parts)))?;
+            if st.is_some_and(|st| kind(&st) == SFlag::S_IFDIR) {
+                return Ok(());
+            }
+        }
+        let bytes = allocated(dir, leaf).map_err(|e| format!("measure {}: {e}", show(parts)))?;
+        self.plan.summary.needed_bytes = self.plan.summary.needed_bytes.saturating_add(bytes);
+        Ok(())
+    }
+
+    /// The same for everything an opaque directory held in the target.
+    fn cost_of_contents(&mut self, dir: &[OsString]) -> Result<(), String> {
+        if !self.fs.as_ref().is_some_and(|f| f.overlay) {
+            return Ok(());
+        }
+        let mut with_child = dir.to_vec();
+        with_child.push(OsString::from("x"));
+        // The directory as the target holds it, unless the archive replaced it already.
+        let Some(dir) = self.walk_parents(&with_child)? else {
+            return Ok(());
+        };
+        let (fd, _) = dir.into_dir()?;
+        let mut bytes = 0u64;
+        for name in list_dir(&fd).map_err(|e| e.to_string())? {
+            bytes = bytes.saturating_add(allocated(&fd, &name).map_err(|e| e.to_string())?);
+        }
+        self.plan.summary.needed_bytes = self.plan.summary.needed_bytes.saturating_add(bytes);
+        Ok(())
+    }
+
     fn check_hardlink(&self, parts: &[OsString], target: &[u8]) -> Result<(), String> {
-        let t = archive_components(target).map_err(|r| format!("hard link target: {r}"))?;
+        let t = checked_components(target, self.reserved())
+            .map_err(|r| format!("hard link target: {r}"))?;
         let shown = show(&t);
         if t == parts || t.starts_with(parts) {
             return Err(format!("hard link to itself or below itself ({shown})"));
@@ -262,6 +504,10 @@ impl Validator<'_> {
                 ))
             }
             None => {}
+        }
+        if self.target.is_none() {
+            // Judged against the target at restore.
+            return Ok(());
         }
         let parent = self
             .walk_parents(&t)
@@ -283,73 +529,50 @@ impl Validator<'_> {
     }
 }
 
-/// Owner, mode, times and xattrs of an entry.
-pub(crate) struct Meta {
-    pub(crate) uid: Uid,
-    pub(crate) gid: Gid,
-    pub(crate) mode: Mode,
-    pub(crate) atime: TimeSpec,
-    pub(crate) mtime: TimeSpec,
-    pub(crate) xattrs: Vec<(String, Vec<u8>)>,
+/// The node a device entry would make.
+fn device_node<R: Read>(entry: &Entry<'_, R>) -> Result<DeviceNode, String> {
+    let h = entry.header();
+    let bad = |what: &str, e: &dyn std::fmt::Display| format!("bad device {what} field: {e}");
+    Ok(DeviceNode {
+        kind: if h.entry_type() == EntryType::Char {
+            DeviceKind::Char
+        } else {
+            DeviceKind::Block
+        },
+        major: h.device_major().map_err(|e| bad("major", &e))?.unwrap_or(0),
+        minor: h.device_minor().map_err(|e| bad("minor", &e))?.unwrap_or(0),
+    })
 }
 
-impl Meta {
-    /// Parse them (validation and apply alike, so a header the apply could not read is
-    /// refused before anything is written).
-    pub(crate) fn of<R: Read>(entry: &mut Entry<'_, R>) -> Result<Meta, String> {
-        let h = entry.header();
-        let bad = |what: &str, e: &dyn std::fmt::Display| format!("bad {what} field: {e}");
-        let id = |what: &str, v: std::io::Result<u64>| {
-            let v = v.map_err(|e| bad(what, &e))?;
-            u32::try_from(v).map_err(|_| format!("{what} {v} out of range"))
-        };
-        let time = |what: &str, v: std::io::Result<u64>| {
-            let v = v.map_err(|e| bad(what, &e))?;
-            i64::try_from(v).map_err(|_| format!("{what} {v} out of range"))
-        };
-        let mtime = time("mtime", h.mtime())?;
-        // GNU tar leaves the atime field blank unless asked for it: blank means none.
-        let atime = match h.as_gnu() {
-            Some(g) if g.atime.iter().any(|b| *b != 0) => time("atime", g.atime())?,
-            _ => 0,
-        };
-        let mut m = Meta {
-            uid: Uid::from_raw(id("uid", h.uid())?),
-            gid: Gid::from_raw(id("gid", h.gid())?),
-            mode: Mode::from_bits_truncate(h.mode().map_err(|e| bad("mode", &e))? & 0o7777),
-            // Archives without an atime get the mtime.
-            atime: TimeSpec::new(if atime > 0 { atime } else { mtime }, 0),
-            mtime: TimeSpec::new(mtime, 0),
-            xattrs: Vec::new(),
-        };
-        if matches!(h.entry_type(), EntryType::Char | EntryType::Block) {
-            h.device_major().map_err(|e| bad("device major", &e))?;
-            h.device_minor().map_err(|e| bad("device minor", &e))?;
-        }
-        let Some(exts) = entry
-            .pax_extensions()
-            .map_err(|e| format!("bad PAX header: {e}"))?
-        else {
-            return Ok(m);
-        };
-        for ext in exts {
-            let ext = ext.map_err(|e| format!("bad PAX record: {e}"))?;
-            let k = ext
-                .key()
-                .map_err(|e| format!("PAX key is not UTF-8: {e}"))?;
-            if let Some(name) = k.strip_prefix("SCHILY.xattr.") {
-                // Overlay's private attributes must not come back in: on a plain directory
-                // that later serves as an upper dir they would hide or redirect files.
-                if name.is_empty() {
-                    return Err("empty xattr name".into());
-                }
-                if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
-                    return Err(format!("overlay-private xattr {name}"));
-                }
-                m.xattrs
-                    .push((name.to_string(), ext.value_bytes().to_vec()));
+/// Bytes allocated to the regular files at `name` in `dir` (the whole tree for a directory),
+/// never following a symlink.
+fn allocated(dir: &OwnedFd, name: &OsStr) -> std::io::Result<u64> {
+    let Some(st) = lstat_at(dir, name)? else {
+        return Ok(0);
+    };
+    match kind(&st) {
+        SFlag::S_IFREG => Ok((st.st_blocks as u64).saturating_mul(512)),
+        SFlag::S_IFDIR => {
+            let sub = owned(openat(
+                Some(dir.as_raw_fd()),
+                name,
+                dir_flags(),
+                Mode::empty(),
+            )?);
+            let mut total = 0u64;
+            for child in list_dir(&sub)? {
+                total = total.saturating_add(allocated(&sub, &child)?);
             }
+            Ok(total)
         }
-        Ok(m)
+        _ => Ok(0),
     }
+}
+
+/// Validate a changeset without a target (`cryo verify`): its stream and checksum, every
+/// header, path, link, device node and sparse map, and its sizes against `policy`. Symlinks
+/// in a target and free space are judged at restore.
+pub fn verify_changeset(archive: &Path, policy: &ApplyPolicy) -> Result<ChangesetSummary> {
+    let file = File::open(archive).map_err(super::io_err("open", archive))?;
+    Ok(validate(archive, file, None, policy)?.summary)
 }

@@ -1,13 +1,16 @@
 //! `checkpoint`: gather the container's facts and hand them to the engine.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context as _;
-use cryo_cgroup::{freezer_for, ContainerCgroup};
+use anyhow::{bail, Context as _};
+use cryo_cgroup::{freezer_for, ContainerCgroup, Freezer, FreezerState};
 use cryo_checkpoint::criu::swrk::SwrkClient;
-use cryo_checkpoint::dump::{self, DumpRequest, SnapshotMode};
+use cryo_checkpoint::criu::CriuClient;
+use cryo_checkpoint::dump::{self, DumpEnv, DumpRequest, SnapshotMode};
 use cryo_checkpoint::flags::{CommonFlags, DumpFlags};
+use cryo_checkpoint::gpu;
 use cryo_checkpoint::signals::InterruptGuard;
 use cryo_oci::Verb;
 
@@ -15,9 +18,6 @@ use super::{delete_settling, load_for};
 use crate::cli::CheckpointArgs;
 use crate::context::Context;
 use crate::logging;
-
-/// How long a freeze may take before cryo gives up and thaws.
-const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// runc's default: `./checkpoint` relative to the caller's directory.
 pub fn image_dir(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
@@ -29,11 +29,39 @@ pub fn image_dir(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// After a failed checkpoint of a GPU container: bring back the CUDA state CRIU's plugin could
+/// not (CRIU killed mid-dump), unless the container is paused (the tool would wait on frozen
+/// processes); what was done joins the error.
+fn recover_gpu(
+    plan: &gpu::GpuPlan,
+    freezer: &dyn Freezer,
+    e: dump::CheckpointError,
+) -> anyhow::Error {
+    let frozen = freezer.state().map_or(true, |s| s != FreezerState::Thawed);
+    let notes = if frozen {
+        vec![
+            "the container is paused: its CUDA state was not checked (resume it, then run \
+              `cuda-checkpoint --get-state --pid <pid>` on its processes)"
+                .to_string(),
+        ]
+    } else {
+        plan.recover(&cryo_checkpoint::facts::cgroup_pids(freezer.path()))
+    };
+    let e = anyhow::Error::from(e);
+    if notes.is_empty() {
+        return e;
+    }
+    e.context(format!("GPU state after the failure: {}", notes.join("; ")))
+}
+
 /// `checkpoint`
 pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
     let snapshot: SnapshotMode = a.rootfs_snapshot.parse().map_err(anyhow::Error::msg)?;
-    let _lock = ctx.store.lock(id)?;
+    // Every file this verb makes holds the container's memory or files: private.
+    // SAFETY: umask only swaps the process's file-mode mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+    let lock = ctx.store.lock(id)?;
     let container = load_for(ctx, id, Verb::Checkpoint)?;
     let pid = container
         .pid()
@@ -46,6 +74,16 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         .map(|r| r.bundle.clone())
         .unwrap_or_else(|| container.bundle().clone());
     let spec = cryo_oci::load_spec(&bundle)?;
+    // A GPU container this machine cannot checkpoint is refused here, before anything is
+    // touched, with every reason.
+    let gpu = gpu::preflight(&spec, &ctx.gpu)
+        .with_context(|| format!("cannot checkpoint container {id}"))?;
+    if gpu.is_some() && a.pre_dump {
+        bail!(
+            "cannot pre-dump container {id}: it uses an NVIDIA GPU, and CRIU's CUDA plugin \
+             does not take part in pre-dumps; take a full checkpoint"
+        );
+    }
     let rootfs = match &record {
         Some(r) => r.rootfs.clone(),
         None => cryo_oci::rootfs_path(&bundle, &spec)?,
@@ -55,13 +93,6 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         .map(|r| r.stdio)
         .unwrap_or_else(|| cryo_checkpoint::descriptors::read_stdio(pid));
     let image_dir = image_dir(a.image_path.as_deref())?;
-    let work_dir = match &a.work_path {
-        Some(w) => image_dir
-            .parent()
-            .map(|_| w.clone())
-            .unwrap_or_else(|| w.clone()),
-        None => image_dir.clone(),
-    };
     let cgroup = ContainerCgroup::for_pid(pid)?;
     let freezer = freezer_for(&cgroup);
     let req = DumpRequest {
@@ -72,7 +103,7 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         rootfs,
         stdio,
         image_dir,
-        work_dir,
+        work_dir: a.work_path.clone(),
         flags: DumpFlags {
             common: CommonFlags {
                 tcp_established: a.tcp_established,
@@ -96,19 +127,42 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         snapshot,
         compress_pages: a.compress_pages,
         stage_pages: !a.no_page_staging,
-        freeze_timeout: FREEZE_TIMEOUT,
+        freeze_timeout: a.freeze_timeout.map(Duration::from_secs),
+        criu_timeout: Duration::from_secs(a.criu_timeout),
+        failure_log_dir: Some(ctx.store.container_dir(id)),
+        gpu,
     };
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
-    let report = dump::checkpoint(&req, &SwrkClient::default(), freezer.as_ref(), &|| {
-        interrupts.interrupted()
-    })?;
+    let mut swrk =
+        SwrkClient::new(&ctx.criu).with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
+    if let Some(plan) = &req.gpu {
+        swrk = plan.swrk_client(swrk);
+    }
+    let gpu_criu = gpu::GpuCriu::new(&swrk);
+    let criu: &dyn CriuClient = if req.gpu.is_some() { &gpu_criu } else { &swrk };
+    let launcher = super::guardian::Launcher::new(ctx);
+    let env = DumpEnv {
+        criu,
+        freezer: freezer.as_ref(),
+        guardian: &launcher,
+        lock: Some(lock.as_fd()),
+        interrupted: &|| interrupts.interrupted(),
+    };
+    let report = match (dump::checkpoint(&req, &env), &req.gpu) {
+        (Ok(r), _) => r,
+        (Err(e), Some(plan)) => return Err(recover_gpu(plan, freezer.as_ref(), e)),
+        (Err(e), None) => return Err(e.into()),
+    };
     drop(interrupts);
+    for w in &report.warnings {
+        logging::log("warning", w);
+    }
     if let Some(m) = &report.manifest {
         logging::log(
             "debug",
             &format!(
-                "checkpointed {id}: frozen {:.1} ms (freeze {:.2} ms, rootfs {:.1} ms, dump {:.1} ms), total {:.1} ms",
-                m.timings.frozen_ms, m.timings.freeze_ms, m.timings.rootfs_capture_ms, m.timings.dump_ms, m.timings.total_ms
+                "checkpointed {id} into {}: frozen {:.1} ms (freeze {:.2} ms, rootfs {:.1} ms, dump {:.1} ms), digests {:.1} ms, total {:.1} ms",
+                report.image_dir.display(), m.timings.frozen_ms, m.timings.freeze_ms, m.timings.rootfs_capture_ms, m.timings.dump_ms, m.timings.digest_ms, m.timings.total_ms
             ),
         );
     }

@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::{load_container, load_for, status_of};
 use crate::cli::{EventsArgs, ListArgs, PsArgs, UpdateArgs};
 use crate::context::Context;
+use cryo_checkpoint::gpu::{GpuLookup, GpuSupport, Problem, PLUGIN_FILE};
 
 /// A container's state, with runc's fields in runc's order (callers match on the line).
 #[derive(Debug, Serialize)]
@@ -470,8 +471,9 @@ fn resources_of(a: &UpdateArgs) -> anyhow::Result<LinuxResources> {
 }
 
 /// `features`
-pub fn features() -> anyhow::Result<i32> {
-    let v = serde_json::json!({
+pub fn features(ctx: &Context) -> anyhow::Result<i32> {
+    let gpu = gpu_annotations(&ctx.gpu);
+    let mut v = serde_json::json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.2.0",
         "hooks": ["prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"],
@@ -489,8 +491,41 @@ pub fn features() -> anyhow::Result<i32> {
         },
         "potentiallyUnsafeConfigAnnotations": ["org.criu.config"],
     });
+    if let Some(a) = v["annotations"].as_object_mut() {
+        a.extend(gpu);
+    }
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(0)
+}
+
+/// GPU checkpointing (`io.cryo.checkpoint.gpu`: "available" or "unavailable: <every reason>"),
+/// and what was found for each requirement.
+fn gpu_annotations(lookup: &GpuLookup) -> serde_json::Map<String, serde_json::Value> {
+    let s = GpuSupport::probe(lookup);
+    let show = |r: Result<String, &Problem>| r.unwrap_or_else(|p| format!("missing: {p}"));
+    let problems = s.problems();
+    let summary = if problems.is_empty() {
+        "available".to_string()
+    } else {
+        let reasons: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        format!("unavailable: {}", reasons.join("; "))
+    };
+    let driver = show(s.driver.as_ref().map(|v| v.to_string()));
+    let tool = show(s.tool.as_ref().map(|p| p.display().to_string()));
+    let plugin = show(
+        s.plugin_dir
+            .as_ref()
+            .map(|d| d.join(PLUGIN_FILE).display().to_string()),
+    );
+    [
+        ("io.cryo.checkpoint.gpu", summary),
+        ("io.cryo.checkpoint.gpu.driver", driver),
+        ("io.cryo.checkpoint.gpu.cuda-checkpoint", tool),
+        ("io.cryo.checkpoint.gpu.criu-plugin", plugin),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), serde_json::Value::from(v)))
+    .collect()
 }
 
 #[cfg(test)]

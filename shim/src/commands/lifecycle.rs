@@ -6,6 +6,7 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 
+use super::loopback::{loopback_up, owns_new_netns};
 use super::{delete_settling, load_container, load_for, wait_forwarding};
 use crate::cgroups::{cgroups_path, OtherHierarchies};
 use crate::cli::{CreateArgs, DeleteArgs, KillArgs, RunArgs};
@@ -75,35 +76,76 @@ fn build(ctx: &Context, a: &CreateArgs, detach: bool) -> anyhow::Result<Created>
         .with_detach(detach || console.is_some())
         .build()
         .with_context(|| format!("cannot create container {id}"))?;
-    let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
-    let mut finish = || -> anyhow::Result<()> {
-        run_bundle.settle(&mut container, &ctx.store.container_dir(id))?;
+    let made = NewContainer {
+        id,
+        bundle: &bundle,
+        rootfs,
+        terminal,
+    };
+    match made.finish(ctx, &mut container, &mut run_bundle) {
+        Ok(()) => Ok(Created { container, console }),
+        Err(e) => {
+            // Nothing half-made: no container left "created" with a network or cgroups it
+            // lacks, or without cryo's record.
+            discard(container, a.pid_file.as_deref());
+            Err(e)
+        }
+    }
+}
+
+/// A container libcontainer just created, and what cryo adds to it.
+struct NewContainer<'a> {
+    id: &'a str,
+    bundle: &'a Bundle,
+    rootfs: std::path::PathBuf,
+    terminal: bool,
+}
+
+impl NewContainer<'_> {
+    /// Its state beside libcontainer's, its cgroups in the hierarchies libcgroups leaves alone
+    /// (as runc places them), `lo` up in a network namespace of its own, its stdio owned by its
+    /// user, and cryo's record.
+    fn finish(
+        self,
+        ctx: &Context,
+        container: &mut Container,
+        run_bundle: &mut RunBundle,
+    ) -> anyhow::Result<()> {
+        let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
+        run_bundle.settle(container, &ctx.store.container_dir(self.id))?;
         OtherHierarchies::discover()?
-            .join(&cgroups_path(&bundle.spec, id), pid)
+            .join(&cgroups_path(&self.bundle.spec, self.id), pid)
             .context("cannot place the container in the named and cgroup2 hierarchies")?;
-        if owns_new_netns(&bundle.spec) {
+        if owns_new_netns(&self.bundle.spec) {
             loopback_up(pid)?;
         }
-        if let Some(p) = bundle.spec.process() {
+        if let Some(p) = self.bundle.spec.process() {
             crate::stdio_owner::fix_for_pid(pid, p.user().uid());
         }
         ctx.store.save(&ContainerRecord {
-            id: id.clone(),
-            bundle: bundle.dir.clone(),
-            rootfs: rootfs.canonicalize().unwrap_or(rootfs.clone()),
+            id: self.id.to_string(),
+            bundle: self.bundle.dir.clone(),
+            rootfs: self.rootfs.canonicalize().unwrap_or(self.rootfs.clone()),
             stdio: cryo_checkpoint::descriptors::read_stdio(pid),
-            terminal,
+            terminal: self.terminal,
             created: chrono::Utc::now(),
             restored_from: None,
         })?;
         Ok(())
-    };
-    if let Err(e) = finish() {
-        // Nothing half-made stays: the created container goes again.
-        let _ = super::delete_container(&mut container, true);
-        return Err(e);
     }
-    Ok(Created { container, console })
+}
+
+/// Remove a container that must not stay (its processes, cgroups and state), and the pid
+/// file its creation wrote. Failures to clean up are reported, not returned: the caller's
+/// error is the one that matters.
+fn discard(mut container: Container, pid_file: Option<&std::path::Path>) {
+    let id = container.id().to_string();
+    if let Err(e) = super::delete_container(&mut container, true) {
+        eprintln!("cryo: removing the half-made container {id} failed: {e}");
+    }
+    if let Some(p) = pid_file {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// `create`
@@ -131,8 +173,11 @@ pub fn run(ctx: &Context, a: &RunArgs) -> anyhow::Result<i32> {
     let id = &a.create.container_id;
     {
         let _lock = ctx.store.lock(id)?;
-        c.start()
-            .with_context(|| format!("cannot start container {id}"))?;
+        if let Err(e) = c.start() {
+            // As runc's run: a container that did not start does not stay behind.
+            discard(c, a.create.pid_file.as_deref());
+            return Err(e).with_context(|| format!("cannot start container {id}"));
+        }
     }
     if a.detach {
         return Ok(0);
@@ -207,17 +252,22 @@ fn probe(c: &Container, all: bool) -> anyhow::Result<()> {
 pub fn delete(ctx: &Context, a: &DeleteArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
     let _lock = ctx.store.lock(id)?;
+    if !ctx.store.exists(id) && ctx.store.container_dir(id).exists() {
+        // No finished container, but a directory: what a killed restore (or an aborted
+        // create) left. Undo it and remove it, never through a mount.
+        super::cleanup::undo_half_made(ctx, id)?;
+        return Ok(0);
+    }
     if a.force && !ctx.store.exists(id) {
         // As runc: a forced delete of a container that is already gone succeeds (podman's
         // checkpoint and containerd's cleanup shim both send one after the container went away).
-        // A directory without state.json is what an aborted create leaves: remove it.
-        let dir = ctx.store.container_dir(id);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("cryo: remove {}: {e}", dir.display());
-            }
-        }
         return Ok(0);
+    }
+    // Nothing of cryo's is ever mounted in a finished container's directory; if something is
+    // (a restore killed after recording the state), it is detached before libcontainer removes
+    // the directory.
+    for m in cryo_oci::fsutil::mounts_below(&ctx.store.container_dir(id)) {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
     let verb = if a.force {
         Verb::ForceDelete
@@ -244,34 +294,4 @@ pub fn resume(ctx: &Context, id: &str) -> anyhow::Result<i32> {
     c.resume()
         .with_context(|| format!("cannot resume container {id}"))?;
     Ok(0)
-}
-
-/// The spec asks for a fresh network namespace (no path): the runtime sets it up.
-pub(crate) fn owns_new_netns(spec: &oci_spec::runtime::Spec) -> bool {
-    spec.linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().as_ref())
-        .is_some_and(|ns| {
-            ns.iter().any(|n| {
-                n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
-            })
-        })
-}
-
-/// runc brings `lo` up in a network namespace it creates; libcontainer does not, and a
-/// container talking to itself over 127.0.0.1 (and its checkpoints with
-/// `--tcp-established`) depends on it.
-pub(crate) fn loopback_up(pid: i32) -> anyhow::Result<()> {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/proc/{pid}/ns/net"))
-        .args(["ip", "link", "set", "lo", "up"])
-        .output()
-        .context("cannot run nsenter/ip to bring up the container's loopback (install util-linux and iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "cannot bring up lo in the container's network namespace: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }

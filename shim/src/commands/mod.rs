@@ -2,11 +2,15 @@
 //! table → act → persist.
 
 pub mod checkpoint;
+pub mod cleanup;
 pub mod exec;
+pub mod guardian;
 pub mod info;
 pub mod lifecycle;
+mod loopback;
 pub mod restore;
 pub mod spec;
+pub mod verify;
 
 use anyhow::{bail, Context as _};
 use std::time::{Duration, Instant};
@@ -34,15 +38,26 @@ pub fn check_pid_file(path: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// libcontainer's status as the transition table's.
+/// libcontainer's status as the transition table's, with the freezer's word on "running":
+/// a container whose cgroup is frozen is paused, whoever froze it (as runc reports it), so a
+/// container left frozen can be seen and resumed.
 pub fn status_of(c: &Container) -> cryo_oci::Status {
     match c.status() {
         ContainerStatus::Creating => cryo_oci::Status::Creating,
         ContainerStatus::Created => cryo_oci::Status::Created,
+        ContainerStatus::Running if frozen(c) => cryo_oci::Status::Paused,
         ContainerStatus::Running => cryo_oci::Status::Running,
         ContainerStatus::Paused => cryo_oci::Status::Paused,
         ContainerStatus::Stopped => cryo_oci::Status::Stopped,
     }
+}
+
+/// Whether the container's cgroup is frozen.
+fn frozen(c: &Container) -> bool {
+    let Some(pid) = c.pid() else { return false };
+    cryo_cgroup::ContainerCgroup::for_pid(pid.as_raw())
+        .map(|cg| cryo_cgroup::freezer_for(&cg).state())
+        .is_ok_and(|s| matches!(s, Ok(cryo_cgroup::FreezerState::Frozen)))
 }
 
 /// Load a container (status refreshed from /proc).
@@ -51,9 +66,13 @@ pub fn load_container(ctx: &Context, id: &str) -> anyhow::Result<(Container, cry
     if !ctx.store.exists(id) {
         bail!("container {id} does not exist");
     }
-    let c = Container::load(ctx.store.container_dir(id))
+    let mut c = Container::load(ctx.store.container_dir(id))
         .with_context(|| format!("cannot load the state of container {id}"))?;
     let s = status_of(&c);
+    if s == cryo_oci::Status::Paused && c.status() == ContainerStatus::Running {
+        // Frozen behind libcontainer's back: let its pause/resume logic see it as paused.
+        c.set_status(ContainerStatus::Paused);
+    }
     Ok((c, s))
 }
 

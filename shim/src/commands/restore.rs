@@ -1,12 +1,18 @@
 //! `restore`: the host side of a restore (cgroups via libcgroups, hooks via libcontainer,
 //! state via libcontainer's store) around the engine.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use cryo_checkpoint::criu::swrk::SwrkClient;
+use cryo_checkpoint::criu::{swrk::SwrkClient, CriuClient};
 use cryo_checkpoint::flags::CommonFlags;
-use cryo_checkpoint::restore::{self, RestoreFlags, RestoreHost, RestoreRequest};
+use cryo_checkpoint::gpu;
+use cryo_checkpoint::manifest::Manifest;
+use cryo_checkpoint::restore::journal::CgroupUndo;
+use cryo_checkpoint::restore::{self, RestoreEnv, RestoreFlags, RestoreHost, RestoreRequest};
+use cryo_checkpoint::signals::InterruptGuard;
 use cryo_oci::{Bundle, ContainerRecord};
 use libcgroups::common::{
     create_cgroup_manager, AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt,
@@ -29,18 +35,37 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     let bundle = Bundle::load(&a.bundle)?;
     let rootfs = bundle.rootfs()?;
     super::check_pid_file(a.pid_file.as_deref())?;
-    let _lock = ctx.store.lock(id)?;
+    let lock = ctx.store.lock(id)?;
     if ctx.store.exists(id) {
         bail!("container with id {id} already exists: restore under another id or delete it first");
     }
+    // What an earlier restore of this id left when it was killed goes first.
+    super::cleanup::undo_half_made(ctx, id)?;
+    if a.manage_cgroups_mode.as_deref() == Some("ignore") && owns_new_cgroup_ns(&bundle.spec) {
+        bail!(
+            "--manage-cgroups-mode ignore cannot restore a container with a cgroup namespace: \
+             CRIU then restores no cgroup namespace, and the container would see the host's \
+             cgroup tree. Restore with soft (the default), full or strict, or remove the cgroup \
+             namespace from {}",
+            bundle.dir.join("config.json").display()
+        );
+    }
     let image_dir = image_dir(a.image_path.as_deref())?;
+    // An image with CUDA state, or a GPU bundle, that this machine cannot restore is refused
+    // here, before anything is created, with every reason.
+    let image_gpu = Manifest::read(&image_dir)
+        .ok()
+        .flatten()
+        .and_then(|m| m.gpu);
+    let gpu = gpu::restore_preflight(&bundle.spec, image_gpu.as_ref(), &image_dir, &ctx.gpu)
+        .with_context(|| format!("cannot restore container {id}"))?;
     let work_dir = a.work_path.clone().unwrap_or_else(|| image_dir.clone());
     let container_dir = ctx.store.container_dir(id);
-    std::fs::create_dir_all(&container_dir)
-        .with_context(|| format!("cannot create {}", container_dir.display()))?;
-    // runc's cgroup naming (see `cgroups`), through cryo's copy of the spec when the user's
-    // names no cgroupsPath (see `run_bundle`): later execs read the copy.
-    let run_bundle = RunBundle::write_into_state(&container_dir, id, &bundle)?;
+    // The state dir is made by the restore itself, once its guardian runs (so a kill at any
+    // moment leaves none behind); only its parent must exist here, resolved.
+    create_private_dir(ctx.store.root())?;
+    // runc's cgroup naming (see `cgroups`); cryo's copy of the spec saying so is written with
+    // the state (see `run_bundle`): later execs read it.
     let mut run_spec = bundle.spec.clone();
     if let Some(mut linux) = run_spec.linux().clone() {
         linux.set_cgroups_path(Some(cgroups_path(&bundle.spec, id)));
@@ -63,9 +88,12 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         work_dir,
         // CRIU finds its root mount by path in mountinfo, which shows resolved paths: docker's
         // --root /var/run/… must become /run/… or CRIU cannot match the mount (as runc does).
-        scratch_dir: container_dir
+        scratch_dir: ctx
+            .store
+            .root()
             .canonicalize()
-            .with_context(|| format!("cannot resolve {}", container_dir.display()))?,
+            .with_context(|| format!("cannot resolve {}", ctx.store.root().display()))?
+            .join(id),
         console_socket: a.console_socket.clone(),
         pid_file: a.pid_file.clone(),
         cgroup_path: youki_cfg.cgroup_path.clone(),
@@ -86,30 +114,46 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
             lsm_mount_context: a.lsm_mount_context.clone(),
             no_rootfs_restore: a.no_rootfs_restore,
         },
+        criu_timeout: Duration::from_secs(a.criu_timeout),
     };
-    let mut host = Host::new(id, &bundle.spec, &bundle.dir, youki_cfg.cgroup_path.clone());
-    let report = match restore::restore(&req, &SwrkClient::default(), &mut host) {
-        Ok(r) => r,
+    let mut host = Host::new(
+        id,
+        &bundle.spec,
+        &bundle.dir,
+        youki_cfg.cgroup_path.clone(),
+        a.manage_cgroups_mode.as_deref(),
+    );
+    let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
+    let mut swrk =
+        SwrkClient::new(&ctx.criu).with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
+    if let Some(plan) = &gpu {
+        swrk = plan.swrk_client(swrk);
+    }
+    let gpu_criu = gpu::GpuCriu::new(&swrk);
+    let criu: &dyn CriuClient = if gpu.is_some() { &gpu_criu } else { &swrk };
+    let launcher = super::guardian::Launcher::new(ctx);
+    let env = RestoreEnv {
+        criu,
+        guardian: &launcher,
+        lock: Some(lock.as_fd()),
+        interrupted: &|| interrupts.interrupted(),
+    };
+    let pending = match restore::restore(&req, &env, &mut host) {
+        Ok(p) => p,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&container_dir);
+            // Everything the restore made is undone; the directory it started from goes too.
+            if let Err(rm) = super::cleanup::remove_state_dir(&container_dir) {
+                crate::logging::log("warning", &format!("{rm:#}"));
+            }
             return Err(e.into());
         }
     };
-    let mut container = Container::new(
-        id,
-        ContainerStatus::Running,
-        Some(report.pid),
-        run_bundle.as_deref().unwrap_or(&bundle.dir),
-        &container_dir,
-    )?;
-    container.state.created = Some(chrono::Utc::now());
-    container.save()?;
-    youki_cfg.save(&container_dir)?;
-    ctx.store.save(&ContainerRecord {
+    let pid = pending.report.pid;
+    let record = ContainerRecord {
         id: id.clone(),
         bundle: bundle.dir.clone(),
         rootfs: req.rootfs.clone(),
-        stdio: report.stdio.clone(),
+        stdio: pending.report.stdio.clone(),
         terminal: bundle
             .spec
             .process()
@@ -118,18 +162,57 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
             .unwrap_or(false),
         created: chrono::Utc::now(),
         restored_from: Some(image_dir),
-    })?;
+    };
+    // The state first, then the commit: a restore is committed only once the container is
+    // on record (dropping `pending` on an error here undoes it, the process included).
+    let saved = (|| -> anyhow::Result<()> {
+        let run_bundle = RunBundle::write_into_state(&container_dir, id, &bundle)?;
+        let mut container = Container::new(
+            id,
+            ContainerStatus::Running,
+            Some(pid),
+            run_bundle.as_deref().unwrap_or(&bundle.dir),
+            &container_dir,
+        )?;
+        container.state.created = Some(chrono::Utc::now());
+        container.save()?;
+        youki_cfg.save(&container_dir)?;
+        ctx.store.save(&record)?;
+        Ok(())
+    })();
+    if let Err(e) = saved {
+        drop(pending);
+        let _ = super::cleanup::remove_state_dir(&container_dir);
+        return Err(e.context(format!(
+            "restored {id}, but recording its state failed; the restore was undone"
+        )));
+    }
+    let report = pending.commit();
+    drop(interrupts);
+    if let Some(plugin) = gpu_criu.last_plugin_log() {
+        crate::logging::log(
+            "debug",
+            &format!(
+                "CRIU's CUDA plugin resumed {} process(es): {:.1} ms",
+                plugin.cuda_pids.len(),
+                plugin.timings.map_or(0.0, |t| t.resume_ms)
+            ),
+        );
+    }
+    for w in &report.warnings {
+        crate::logging::log("warning", w);
+    }
     crate::logging::log(
         "debug",
         &format!(
-            "restored {id} as pid {} in {:.1} ms ({})",
-            report.pid, report.restore_ms, report.rootfs_note
+            "restored {id} as pid {} in {:.1} ms (image verified in {:.1} ms; {})",
+            report.pid, report.restore_ms, report.verify_ms, report.rootfs_note
         ),
     );
     if a.detach {
         return Ok(0);
     }
-    drop(_lock);
+    drop(lock);
     let code = wait_forwarding(Pid::from_raw(report.pid));
     let _lock = ctx.store.lock(id)?;
     if let Ok(mut c) = Container::load(container_dir) {
@@ -138,58 +221,127 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     Ok(code)
 }
 
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// The spec asks for a cgroup namespace of the container's own (no path).
+fn owns_new_cgroup_ns(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| {
+            ns.iter().any(|n| {
+                n.typ() == oci_spec::runtime::LinuxNamespaceType::Cgroup && n.path().is_none()
+            })
+        })
+}
+
 /// cgroups and hooks for the engine.
 struct Host {
     id: String,
     spec: Spec,
     bundle: PathBuf,
     cgroup_path: PathBuf,
+    /// `--manage-cgroups-mode strict`: CRIU makes the container's cgroups (see `join_cgroup`).
+    criu_makes_cgroups: bool,
     manager: Option<AnyCgroupManager>,
-    original: Vec<(PathBuf, String)>,
+    /// Where cryo was before joining: (hierarchy directory of its cgroup).
+    original: Vec<PathBuf>,
+    /// The hierarchies runc also places a container in (see `cgroups`).
     others: OtherHierarchies,
 }
 
 impl Host {
-    fn new(id: &str, spec: &Spec, bundle: &std::path::Path, cgroup_path: PathBuf) -> Self {
+    fn new(
+        id: &str,
+        spec: &Spec,
+        bundle: &std::path::Path,
+        cgroup_path: PathBuf,
+        manage_cgroups_mode: Option<&str>,
+    ) -> Self {
         Self {
             id: id.to_string(),
             spec: spec.clone(),
             bundle: bundle.to_path_buf(),
             cgroup_path,
+            criu_makes_cgroups: manage_cgroups_mode == Some("strict"),
             manager: None,
             original: Vec::new(),
             others: OtherHierarchies::discover().unwrap_or_default(),
         }
     }
+
+    /// CRIU's `cg_root` for the container's new cgroups, which CRIU is to make: its path in
+    /// each hierarchy libcgroups puts a container in (cgroup2 on a pure v2 host, every v1
+    /// controller elsewhere), named as CRIU names hierarchies.
+    fn new_cgroup_roots(&self) -> Result<Vec<(String, String)>, String> {
+        let unified =
+            cryo_cgroup::cgroup_setup().map_err(|e| e.to_string())? == cryo_cgroup::Setup::Unified;
+        let path = self.cgroup_path.to_string_lossy().into_owned();
+        Ok(own_cgroups()
+            .into_iter()
+            .filter(|c| {
+                if unified {
+                    c.controllers.is_empty()
+                } else {
+                    !c.controllers.is_empty() && !c.controllers.starts_with("name=")
+                }
+            })
+            .map(|c| (c.controllers, path.clone()))
+            .collect())
+    }
 }
 
-/// Our own cgroup memberships as (hierarchy mount dir, path inside it).
-fn own_cgroups() -> Vec<(PathBuf, String, String)> {
+/// One of cryo's own cgroups, in a hierarchy mounted here.
+struct OwnCgroup {
+    /// As `/proc/self/cgroup` names the hierarchy (`""` for cgroup2).
+    controllers: String,
+    /// Path inside the hierarchy.
+    path: String,
+    /// Its directory.
+    dir: PathBuf,
+}
+
+/// cryo's own cgroups in every hierarchy mounted in its mount namespace.
+fn own_cgroups() -> Vec<OwnCgroup> {
     let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let dirs = cryo_cgroup::v1_controller_paths(std::process::id() as i32).unwrap_or_default();
     cryo_cgroup::parse_proc_cgroup(&text)
         .into_iter()
         .filter_map(|l| {
-            let ctrls = l.controllers.join(",");
-            let mount = if l.hierarchy == 0 {
-                cryo_cgroup::discovery::cgroup2_mount()
-            } else {
-                let name = ctrls.strip_prefix("name=").unwrap_or(&ctrls);
-                PathBuf::from("/sys/fs/cgroup").join(name)
-            };
-            mount.is_dir().then_some((mount, l.path, ctrls))
+            let controllers = l.controllers.join(",");
+            let dir = dirs.iter().find(|(c, _)| *c == controllers)?.1.clone();
+            Some(OwnCgroup {
+                controllers,
+                path: l.path,
+                dir,
+            })
         })
         .collect()
 }
 
 impl RestoreHost for Host {
     fn join_cgroup(&mut self) -> Result<Vec<(String, String)>, String> {
-        self.original = own_cgroups().into_iter().map(|(m, p, _)| (m, p)).collect();
+        self.original = own_cgroups().into_iter().map(|c| c.dir).collect();
         let manager = create_cgroup_manager(CgroupConfig {
             cgroup_path: self.cgroup_path.clone(),
             systemd_cgroup: false,
             container_name: self.id.clone(),
         })
         .map_err(|e| e.to_string())?;
+        if self.criu_makes_cgroups {
+            // strict: CRIU refuses every cgroup of the image that exists, and makes them with
+            // the image's properties. cryo stays out (CRIU moves the restored tasks in) and
+            // removes them again on failure or delete.
+            self.manager = Some(manager);
+            return self.new_cgroup_roots();
+        }
         manager
             .add_task(Pid::this())
             .map_err(|e| format!("joining {}: {e}", self.cgroup_path.display()))?;
@@ -214,31 +366,28 @@ impl RestoreHost for Host {
             })
             .map_err(|e| format!("applying resources: {e}"))?;
         self.manager = Some(manager);
-        // CRIU puts the restored tasks below the cgroups it runs in: name them per controller.
+        // CRIU puts the restored tasks back into the cgroups of the image unless told their new
+        // root: name ours per hierarchy, cgroup2 (controllers "") included. Without it a
+        // restore under a new id on a cgroup v2 host went into the checkpointed container's
+        // cgroup, recreated.
         Ok(own_cgroups()
             .into_iter()
-            .filter(|(_, _, ctrls)| !ctrls.is_empty())
-            .map(|(_, path, ctrls)| (ctrls, path))
+            .map(|c| (c.controllers, c.path))
             .collect())
     }
 
     fn leave_cgroup(&mut self) {
         let me = std::process::id().to_string();
-        for (mount, path) in &self.original {
-            let _ = std::fs::write(
-                mount
-                    .join(path.trim_start_matches('/'))
-                    .join("cgroup.procs"),
-                &me,
-            );
+        for dir in &self.original {
+            let _ = std::fs::write(dir.join("cgroup.procs"), &me);
         }
     }
 
     fn run_hooks(&mut self, pid: i32) -> Result<(), String> {
         // CRIU made a fresh, empty network namespace (runc's empty_ns): give it the loopback
         // a created container has, before CRIU reconnects TCP sockets over it.
-        if super::lifecycle::owns_new_netns(&self.spec) {
-            super::lifecycle::loopback_up(pid).map_err(|e| format!("{e:#}"))?;
+        if super::loopback::owns_new_netns(&self.spec) {
+            super::loopback::loopback_up(pid).map_err(|e| format!("{e:#}"))?;
         }
         let Some(hooks) = self.spec.hooks().as_ref() else {
             return Ok(());
@@ -261,24 +410,10 @@ impl RestoreHost for Host {
         }
         Ok(())
     }
+}
 
-    fn destroy(&mut self) {
-        self.leave_cgroup();
-        if let Some(m) = &self.manager {
-            if let Ok(pids) = m.get_all_pids() {
-                for p in pids {
-                    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
-                }
-            }
-            let _ = m.freeze(libcgroups::common::FreezerState::Thawed);
-            for _ in 0..100 {
-                if m.get_all_pids().map(|p| p.is_empty()).unwrap_or(true) {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            let _ = m.remove();
-        }
-        self.others.remove(&self.cgroup_path);
+impl CgroupUndo for Host {
+    fn destroy(&self, cgroup_path: &std::path::Path) {
+        super::cleanup::destroy_cgroup(&self.id, cgroup_path);
     }
 }

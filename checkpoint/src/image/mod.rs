@@ -1,0 +1,10 @@
+//! The image directory as a unit: written privately and published whole ([`publish`]), every
+//! file digested into the manifest ([`digest`]), and verified whole before a restore
+//! ([`verify`]).
+
+pub mod digest;
+pub mod publish;
+pub mod verify;
+
+pub use publish::{Existing, ImageTarget, PublishError, Staging};
+pub use verify::{verify_image, ImageError, VerifiedImage};

@@ -1,0 +1,55 @@
+//! `verify`: check a checkpoint image the way a restore would, without restoring it.
+
+use anyhow::bail;
+use cryo_checkpoint::image::verify_image;
+
+use super::checkpoint::image_dir;
+use crate::cli::VerifyArgs;
+
+/// `verify [--image-path DIR] [--format text|json]`: exit 0 when the image would be restored,
+/// 1 with the reason when it would be refused.
+pub fn verify(a: &VerifyArgs) -> anyhow::Result<i32> {
+    if a.format != "text" && a.format != "json" {
+        bail!("invalid --format {:?}: use text or json", a.format);
+    }
+    let dir = image_dir(a.image_path.as_deref())?;
+    let v = verify_image(&dir)?;
+    let m = v.manifest.as_ref();
+    if a.format == "json" {
+        let out = serde_json::json!({
+            "image": v.dir,
+            "verified": true,
+            "format": m.map(|m| m.format.clone()),
+            "container": m.map(|m| m.container_id.clone()),
+            "created": m.map(|m| m.created),
+            "files": v.files_checked,
+            "bytes": v.bytes_checked,
+            "verify_ms": v.verify_ms,
+            "rootfs_snapshot": m.and_then(|m| m.rootfs.snapshot.clone()),
+            "warnings": v.warnings,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(0);
+    }
+    for w in &v.warnings {
+        eprintln!("cryo: warning: {w}");
+    }
+    match m {
+        Some(m) => println!(
+            "{}: intact cryo checkpoint of container {} ({}), taken {}: {} files, {:.1} MiB verified in {:.0} ms; rootfs snapshot: {}",
+            v.dir.display(),
+            m.container_id,
+            m.format,
+            m.created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            v.files_checked,
+            v.bytes_checked as f64 / (1u64 << 20) as f64,
+            v.verify_ms,
+            m.rootfs.snapshot.as_deref().unwrap_or("none"),
+        ),
+        None => println!(
+            "{}: a plain CRIU image without cryo manifest: nothing to verify",
+            v.dir.display()
+        ),
+    }
+    Ok(0)
+}

@@ -1,0 +1,591 @@
+//! The reliability suite, checkpoint side: a fault at the moment that matters (found by
+//! watching the workload stop and start, or by trapping the open of a file) costs nothing.
+//! The container runs on with its memory intact (or stays paused), the image path holds a
+//! complete image or none, nothing is left behind. Each case also runs on runc where runc
+//! has one, and both outcomes go to the reliability table.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cryo_tests::faults::{
+    criu_child, finish, processes_mentioning, record, signal, spawn, staging_left, time_to_thaw,
+    wait_for_criu_before_freeze, wait_for_freeze, wait_for_thaw, Heartbeat, Tmpfs,
+};
+use cryo_tests::{unique, Runtime};
+use nix::sys::signal::Signal;
+
+/// Memory of the workload: big enough that the freeze lasts long enough to be seen.
+const MIB: u32 = 256;
+/// How long the workload (beating every millisecond) must not beat to count as frozen.
+const QUIET: Duration = Duration::from_millis(8);
+const WITHIN: Duration = Duration::from_secs(60);
+
+/// After a fault: running (thawed), memory intact, no image at `img` unless `image_ok` says
+/// one may be there (then it must verify), nothing of cryo's beside it, no CRIU or guardian.
+/// Returns a short description for the table.
+fn assert_survived(hb: &Heartbeat, img: &Path, image_may_exist: bool, thawed: Duration) -> String {
+    assert!(
+        hb.advancing(Duration::from_secs(10)),
+        "the container is still frozen 10 s after the fault"
+    );
+    assert_eq!(hb.rt.state(&hb.id)["status"], "running");
+    hb.assert_memory_intact(Duration::from_secs(30));
+    let image = if img.exists() {
+        assert!(
+            image_may_exist,
+            "a failed checkpoint left an image at {}",
+            img.display()
+        );
+        let out = hb
+            .rt
+            .run(&["verify", "--image-path", img.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "the image left is not complete and intact: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        "complete image"
+    } else {
+        "no image"
+    };
+    let left = staging_left(img);
+    assert!(left.is_empty(), "left beside the image: {left:?}");
+    let root = hb.rt.root.to_string_lossy().into_owned();
+    // The guardian ends once it has undone; give it the moment it needs.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let procs = processes_mentioning(&root);
+        let stray: Vec<_> = procs
+            .iter()
+            .filter(|p| p.contains("__guardian") || p.contains(" swrk "))
+            .collect();
+        if stray.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < end, "left running: {stray:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    format!(
+        "running again {:.2} s after the fault, memory intact, {image}, nothing left",
+        thawed.as_secs_f64()
+    )
+}
+
+/// What runc did with the same fault: the container's state, whether it is frozen, whether
+/// an image is there. Cleans up after runc.
+fn runc_outcome(hb: &Heartbeat, img: &Path) -> String {
+    let frozen_for_good = !hb.advancing(Duration::from_secs(5));
+    let state = hb.rt.run(&["state", &hb.id]);
+    let status = serde_json::from_slice::<serde_json::Value>(&state.stdout)
+        .ok()
+        .and_then(|v| v["status"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "gone".into());
+    let image = if img.join("inventory.img").exists() {
+        "an image (unchecked: runc records no digests)"
+    } else if img.exists() {
+        "a partial image dir"
+    } else {
+        "no image"
+    };
+    let out = if frozen_for_good {
+        format!("FROZEN for good (state says {status}), {image}")
+    } else {
+        format!("running ({status}), {image}")
+    };
+    let _ = hb.rt.run(&["resume", &hb.id]);
+    out
+}
+
+fn args<'a>(extra: &[&'a str], img: &'a Path, id: &'a str) -> Vec<&'a str> {
+    let mut v = vec!["checkpoint"];
+    v.extend_from_slice(extra);
+    v.extend(["--image-path", img.to_str().unwrap(), id]);
+    v
+}
+
+/// Run one checkpoint of `hb` with `extra` flags, strike with `fault` at the moment `when`
+/// finds; returns the checkpoint's exit status and stderr. The moment can pass between seeing
+/// it and striking (CRIU already gone): then the checkpoint is let finish and run again.
+fn strike(
+    hb: &Heartbeat,
+    extra: &[&str],
+    img: &Path,
+    when: Moment,
+    fault: Fault,
+) -> (std::process::ExitStatus, String, Duration) {
+    for _ in 0..5 {
+        let mut child = spawn(&hb.rt, &args(extra, img, &hb.id));
+        let seen = match when {
+            Moment::InsideFreeze => wait_for_freeze(hb, &mut child, QUIET, WITHIN),
+            Moment::BeforeFreeze => wait_for_criu_before_freeze(hb, &mut child, WITHIN).is_some(),
+            Moment::AfterThaw => wait_for_thaw(hb, &mut child, WITHIN),
+        };
+        assert!(seen, "the moment was never seen: {:?}", finish(child));
+        if let Some(target) = pick(fault, &child) {
+            signal(target, fault.signal());
+            let thawed =
+                time_to_thaw(hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
+            let (status, err) = finish(child);
+            return (status, err, thawed);
+        }
+        let _ = finish(child);
+        let _ = std::fs::remove_dir_all(img);
+    }
+    panic!("CRIU was never running at the moment of the fault in 5 tries");
+}
+
+#[derive(Clone, Copy)]
+enum Moment {
+    BeforeFreeze,
+    InsideFreeze,
+    AfterThaw,
+}
+
+#[derive(Clone, Copy)]
+enum Fault {
+    KillCheckpointer,
+    KillCriu,
+    CrashCriu,
+}
+
+impl Fault {
+    fn signal(self) -> Signal {
+        match self {
+            Fault::CrashCriu => Signal::SIGSEGV,
+            _ => Signal::SIGKILL,
+        }
+    }
+}
+
+fn pick(fault: Fault, child: &std::process::Child) -> Option<i32> {
+    match fault {
+        Fault::KillCheckpointer => Some(child.id() as i32),
+        Fault::KillCriu | Fault::CrashCriu => criu_child(child.id()),
+    }
+}
+
+/// One case on cryo and on runc.
+fn case(name: &str, extra: &[&str], when: Moment, fault: Fault, runc_too: bool) {
+    let rt = Runtime::cryo();
+    let hb = Heartbeat::start(&rt, &unique("fault"), MIB);
+    let _g = rt.guard(&hb.id);
+    let img = hb.bundle.dir.join("img");
+    let (status, err, thawed) = strike(&hb, extra, &img, when, fault);
+    if !matches!(fault, Fault::KillCheckpointer) {
+        assert!(
+            !status.success(),
+            "a checkpoint whose CRIU died succeeded: {err}"
+        );
+        let said = match when {
+            Moment::BeforeFreeze => "not touched",
+            _ => "thawed and keeps running",
+        };
+        assert!(err.contains(said), "{err}");
+    }
+    let cryo = assert_survived(&hb, &img, matches!(when, Moment::AfterThaw), thawed);
+    let runc = if runc_too {
+        let r = Runtime::runc();
+        let hb = Heartbeat::start(&r, &unique("fault-runc"), MIB);
+        let _g = r.guard(&hb.id);
+        let img = hb.bundle.dir.join("img");
+        let _ = strike(&hb, extra, &img, when, fault);
+        runc_outcome(&hb, &img)
+    } else {
+        "-".to_string()
+    };
+    record(name, &cryo, &runc);
+}
+
+#[test]
+fn sigkill_of_cryo_inside_the_freeze_leave_running() {
+    case(
+        "SIGKILL cryo inside the freeze (--leave-running)",
+        &["--leave-running"],
+        Moment::InsideFreeze,
+        Fault::KillCheckpointer,
+        true,
+    );
+}
+
+#[test]
+fn sigkill_of_cryo_inside_the_freeze_stopping() {
+    case(
+        "SIGKILL cryo inside the freeze (stopping checkpoint)",
+        &[],
+        Moment::InsideFreeze,
+        Fault::KillCheckpointer,
+        true,
+    );
+}
+
+#[test]
+fn sigkill_of_cryo_before_the_freeze() {
+    case(
+        "SIGKILL cryo after CRIU started, before the freeze",
+        &["--leave-running"],
+        Moment::BeforeFreeze,
+        Fault::KillCheckpointer,
+        false,
+    );
+}
+
+#[test]
+fn sigkill_of_cryo_after_the_thaw() {
+    case(
+        "SIGKILL cryo after the thaw, while it finishes the image",
+        &["--leave-running"],
+        Moment::AfterThaw,
+        Fault::KillCheckpointer,
+        false,
+    );
+}
+
+#[test]
+fn sigkill_of_criu_inside_the_freeze() {
+    case(
+        "SIGKILL CRIU inside the freeze",
+        &["--leave-running"],
+        Moment::InsideFreeze,
+        Fault::KillCriu,
+        true,
+    );
+}
+
+#[test]
+fn sigkill_of_criu_before_the_freeze() {
+    case(
+        "SIGKILL CRIU before the freeze",
+        &[],
+        Moment::BeforeFreeze,
+        Fault::KillCriu,
+        false,
+    );
+}
+
+#[test]
+fn criu_crashing_inside_the_freeze() {
+    case(
+        "CRIU crashes (SIGSEGV) inside the freeze",
+        &[],
+        Moment::InsideFreeze,
+        Fault::CrashCriu,
+        false,
+    );
+}
+
+/// Start a checkpoint of `hb` and stop (SIGSTOP) its CRIU inside the freeze, while the
+/// container is held: a hung CRIU. The freeze can end between seeing it and the stop; then the
+/// checkpoint is let finish and tried again. Returns the checkpoint and CRIU's pid.
+fn hang_criu_inside_the_freeze(
+    hb: &Heartbeat,
+    extra: &[&str],
+    img: &Path,
+) -> (std::process::Child, i32) {
+    for _ in 0..5 {
+        let mut child = spawn(&hb.rt, &args(extra, img, &hb.id));
+        assert!(
+            wait_for_freeze(hb, &mut child, QUIET, WITHIN),
+            "the freeze was never seen"
+        );
+        if let Some(criu) = criu_child(child.id()) {
+            signal(criu, Signal::SIGSTOP);
+            if !hb.advancing(Duration::from_millis(300)) {
+                return (child, criu);
+            }
+            signal(criu, Signal::SIGCONT);
+        }
+        let _ = finish(child);
+        let _ = std::fs::remove_dir_all(img);
+    }
+    panic!("CRIU could not be stopped inside the freeze in 5 tries");
+}
+
+/// A hung CRIU (stopped inside the freeze): SIGTERM to cryo ends the checkpoint and thaws.
+#[test]
+fn sigterm_while_criu_hangs() {
+    let rt = Runtime::cryo();
+    let hb = Heartbeat::start(&rt, &unique("hang"), MIB);
+    let _g = rt.guard(&hb.id);
+    let img = hb.bundle.dir.join("img");
+    let (child, criu) =
+        hang_criu_inside_the_freeze(&hb, &["--leave-running", "--no-page-staging"], &img);
+    signal(child.id() as i32, Signal::SIGTERM);
+    let thawed = time_to_thaw(&hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
+    let (status, err) = finish(child);
+    assert!(!status.success());
+    assert!(
+        err.contains("interrupted") && err.contains("thawed and keeps running"),
+        "{err}"
+    );
+    let cryo = assert_survived(&hb, &img, false, thawed);
+    assert!(
+        !Path::new(&format!("/proc/{criu}")).exists() || is_zombie(criu),
+        "the hung CRIU was not stopped"
+    );
+    record(
+        "CRIU hangs inside the freeze, then SIGTERM to cryo",
+        &cryo,
+        "-",
+    );
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.split_whitespace().nth(2) == Some("Z"))
+        .unwrap_or(true)
+}
+
+/// A hung CRIU and nobody to signal cryo: the freeze deadline ends it. runc waits forever.
+#[test]
+fn the_freeze_deadline_ends_a_hung_criu() {
+    let rt = Runtime::cryo();
+    let hb = Heartbeat::start(&rt, &unique("deadline"), MIB);
+    let _g = rt.guard(&hb.id);
+    let img = hb.bundle.dir.join("img");
+    let started = Instant::now();
+    let (child, _) = hang_criu_inside_the_freeze(
+        &hb,
+        &[
+            "--leave-running",
+            "--no-page-staging",
+            "--freeze-timeout",
+            "3",
+        ],
+        &img,
+    );
+    let (status, err) = finish(child);
+    assert!(!status.success());
+    assert!(err.contains("--freeze-timeout 3s"), "{err}");
+    let cryo = assert_survived(&hb, &img, false, started.elapsed());
+
+    let r = Runtime::runc();
+    let hb = Heartbeat::start(&r, &unique("deadline-runc"), MIB);
+    let _g = r.guard(&hb.id);
+    let img = hb.bundle.dir.join("img");
+    let (mut child, criu) = hang_criu_inside_the_freeze(&hb, &["--leave-running"], &img);
+    let criu = Some(criu);
+    std::thread::sleep(Duration::from_secs(10));
+    let still = child.try_wait().unwrap().is_none();
+    let frozen = !hb.advancing(Duration::from_millis(500));
+    let runc = format!(
+        "after 10 s: runc {}, container {}",
+        if still { "still waiting" } else { "ended" },
+        if frozen { "FROZEN" } else { "running" }
+    );
+    if let Some(c) = criu {
+        signal(c, Signal::SIGKILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = runc_outcome(&hb, &img);
+    record(
+        "CRIU hangs inside the freeze, nobody intervenes",
+        &format!("stopped at --freeze-timeout: {cryo}"),
+        &runc,
+    );
+}
+
+/// A CRIU that never answers at all (a broken install): --criu-timeout bounds it.
+#[test]
+fn a_criu_that_never_answers_times_out() {
+    let rt = Runtime::cryo();
+    let hb = Heartbeat::start(&rt, &unique("mute"), 64);
+    let _g = rt.guard(&hb.id);
+    let fake = hb.bundle.dir.join("mute-criu");
+    std::fs::write(&fake, "#!/bin/sh\nexec sleep 1000\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let img = hb.bundle.dir.join("img");
+    let start = Instant::now();
+    let out = rt
+        .cmd()
+        .arg("--criu")
+        .arg(&fake)
+        .args(args(&["--criu-timeout", "2"], &img, &hb.id))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("did not answer") && err.contains("--criu-timeout"),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+    let cryo = assert_survived(&hb, &img, false, Duration::ZERO);
+    assert!(
+        hb.max_gap_ms() < 1000.0,
+        "the container was frozen: gap {} ms",
+        hb.max_gap_ms()
+    );
+    assert!(
+        processes_mentioning(&fake.to_string_lossy()).is_empty(),
+        "the mute CRIU was left running"
+    );
+    record(
+        "a CRIU that never answers",
+        &format!("refused after --criu-timeout, never frozen: {cryo}"),
+        "-",
+    );
+}
+
+/// Not enough room for the image: refused before the freeze, with the path and the bytes.
+#[test]
+fn a_full_disk_is_refused_before_the_freeze() {
+    let disk = Tmpfs::new("32m");
+    let rt = Runtime::cryo();
+    let hb = Heartbeat::start(&rt, &unique("full"), MIB);
+    let _g = rt.guard(&hb.id);
+    let img = disk.dir.join("img");
+    let err = rt.fails(&args(&["--leave-running"], &img, &hb.id));
+    assert!(
+        err.contains("not enough free space")
+            && err.contains(&*img.to_string_lossy())
+            && err.contains("MiB"),
+        "{err}"
+    );
+    let cryo = assert_survived(&hb, &img, false, Duration::ZERO);
+    assert!(
+        hb.max_gap_ms() < 200.0,
+        "the container was frozen: gap {} ms",
+        hb.max_gap_ms()
+    );
+    assert_eq!(
+        std::fs::read_dir(&disk.dir).unwrap().count(),
+        0,
+        "something was written"
+    );
+
+    let r = Runtime::runc();
+    let hb = Heartbeat::start(&r, &unique("full-runc"), MIB);
+    let _g = r.guard(&hb.id);
+    let img = disk.dir.join("img-runc");
+    let out = r.run(&args(&["--leave-running"], &img, &hb.id));
+    let said = String::from_utf8_lossy(&out.stderr);
+    let names_enospc = said.contains("No space left");
+    let runc = format!(
+        "{}, message {} the full disk; {}",
+        if out.status.success() {
+            "succeeded"
+        } else {
+            "failed inside the freeze"
+        },
+        if names_enospc {
+            "names"
+        } else {
+            "does not name"
+        },
+        runc_outcome(&hb, &img)
+    );
+    record(
+        "disk too small for the image",
+        &format!("refused before freezing: {cryo}"),
+        &runc,
+    );
+}
+
+/// The disk fills up while CRIU writes (inside the freeze): the error names it.
+#[test]
+fn a_disk_filling_up_inside_the_dump() {
+    let disk = Tmpfs::new("400m");
+    let rt = Runtime::cryo();
+    let hb = Heartbeat::start(&rt, &unique("fill"), MIB);
+    let _g = rt.guard(&hb.id);
+    let img = disk.dir.join("img");
+    let mut child = spawn(
+        &rt,
+        &args(&["--leave-running", "--no-page-staging"], &img, &hb.id),
+    );
+    assert!(wait_for_freeze(&hb, &mut child, QUIET, WITHIN));
+    // Take what is left on the disk.
+    let filler = disk.dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    let thawed = time_to_thaw(&hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
+    let (status, err) = finish(child);
+    drop(f);
+    std::fs::remove_file(&filler).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("No space left on device"), "{err}");
+    let cryo = assert_survived(&hb, &img, false, thawed);
+    record("the disk fills up inside the dump", &cryo, "-");
+}
+
+/// While a checkpoint holds the container, other verbs wait a bounded time and say who holds it.
+#[test]
+fn a_busy_container_names_its_holder() {
+    let rt = Runtime::cryo();
+    let hb = Heartbeat::start(&rt, &unique("busy"), MIB);
+    let _g = rt.guard(&hb.id);
+    let img = hb.bundle.dir.join("img");
+    let (child, _) =
+        hang_criu_inside_the_freeze(&hb, &["--leave-running", "--no-page-staging"], &img);
+    let out = rt
+        .cmd()
+        .env("CRYO_LOCK_TIMEOUT", "1")
+        .args(["pause", &hb.id])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let pid = child.id().to_string();
+    assert!(
+        err.contains("is busy") && err.contains(&pid) && err.contains("checkpoint"),
+        "{err}"
+    );
+    // `state` does not wait for the lock.
+    let start = Instant::now();
+    let _ = rt.state(&hb.id);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "state waited for the lock"
+    );
+    signal(child.id() as i32, Signal::SIGTERM);
+    let thawed = time_to_thaw(&hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
+    let _ = finish(child);
+    let cryo = assert_survived(&hb, &img, false, thawed);
+    record(
+        "another verb while a checkpoint hangs",
+        &format!("waits 1 s, names the holder (pid, command); {cryo}"),
+        "-",
+    );
+}
+
+/// A container frozen behind cryo's back reads "paused" and can be resumed (as runc).
+#[test]
+fn a_frozen_container_reads_paused_and_resumes() {
+    for rt in [Runtime::cryo(), Runtime::runc()] {
+        let hb = Heartbeat::start(&rt, &unique("frozen"), 16);
+        let _g = rt.guard(&hb.id);
+        let pid = rt.state(&hb.id)["pid"].as_i64().unwrap();
+        let dir = cryo_tests::cgroups::freezer_dir(pid);
+        if dir.join("freezer.state").exists() {
+            std::fs::write(dir.join("freezer.state"), "FROZEN").unwrap();
+        } else {
+            std::fs::write(dir.join("cgroup.freeze"), "1").unwrap();
+        }
+        assert!(!hb.advancing(Duration::from_millis(300)));
+        let status = rt.state(&hb.id)["status"].as_str().unwrap().to_string();
+        rt.ok(&["resume", &hb.id]);
+        assert!(hb.advancing(Duration::from_secs(5)));
+        if rt.bin.ends_with("runc") {
+            record(
+                "container frozen outside the runtime",
+                "-",
+                &format!("state says {status}; resume works"),
+            );
+        } else {
+            assert_eq!(status, "paused");
+            record(
+                "container frozen outside the runtime",
+                &format!("state says {status}; resume works"),
+                "-",
+            );
+        }
+    }
+}
