@@ -35,6 +35,9 @@ pub enum Verb {
     Start,
     /// `kill`
     Kill,
+    /// `kill --all`: signals whatever is still in the container's cgroup, also after its init
+    /// exited (runc allows it on a stopped container).
+    KillAll,
     /// `delete` without `--force`
     Delete,
     /// `delete --force`
@@ -82,12 +85,17 @@ pub fn check(id: &str, verb: Verb, status: Status) -> Result<(), TransitionError
             matches!(status, Created | Running | Paused),
             "; there is no process left to signal",
         ),
+        KillAll => (status != Creating, "; it is still being created"),
         Delete => (
             matches!(status, Created | Stopped),
             "; stop it first (`cryo kill ID KILL`) or use `cryo delete --force`",
         ),
         ForceDelete => (true, ""),
-        Exec => (status == Running, "; exec needs a running container"),
+        // A paused container needs exec's --ignore-paused, which exec checks itself.
+        Exec => (
+            matches!(status, Created | Running | Paused),
+            "; exec needs a created or running container",
+        ),
         Pause => (
             status == Running,
             "; only a running container can be paused",
@@ -98,7 +106,7 @@ pub fn check(id: &str, verb: Verb, status: Status) -> Result<(), TransitionError
             "; only a running or paused container can be checkpointed",
         ),
         Update => (status != Stopped, "; the container has exited"),
-        Ps => (status != Stopped, "; the container has no processes"),
+        Ps => (status != Creating, "; it is still being created"),
         Events => (status != Stopped, "; the container has exited"),
     };
     if ok {
@@ -129,7 +137,7 @@ impl fmt::Display for Verb {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Verb::Start => "start",
-            Verb::Kill => "kill",
+            Verb::Kill | Verb::KillAll => "kill",
             Verb::Delete | Verb::ForceDelete => "delete",
             Verb::Exec => "exec in",
             Verb::Pause => "pause",
@@ -166,6 +174,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--force"), "{e}");
+    }
+
+    #[test]
+    fn runc_allows_exec_in_a_created_container_and_kill_all_or_ps_after_exit() {
+        assert!(check("c", Verb::Exec, Status::Created).is_ok());
+        assert!(check("c", Verb::Exec, Status::Stopped).is_err());
+        assert!(check("c", Verb::Kill, Status::Stopped).is_err());
+        assert!(check("c", Verb::KillAll, Status::Stopped).is_ok());
+        assert!(check("c", Verb::Ps, Status::Stopped).is_ok());
     }
 
     #[test]

@@ -142,6 +142,9 @@ pub struct RunArgs {
     /// Do not become a subreaper (accepted).
     #[arg(long = "no-subreaper")]
     pub no_subreaper: bool,
+    /// Keep the container's state after it exits (delete it later with `delete`).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// `list`
@@ -206,12 +209,28 @@ pub struct ExecArgs {
     #[arg(short, long)]
     pub user: Option<String>,
     /// Extra capabilities.
-    #[arg(long)]
+    #[arg(short = 'c', long)]
     pub cap: Vec<String>,
+    /// Additional groups of the process (repeatable).
+    #[arg(short = 'g', long = "additional-gids")]
+    pub additional_gids: Vec<u32>,
+    /// Pass N extra fds (from 3) to the process.
+    #[arg(long = "preserve-fds", default_value_t = 0)]
+    pub preserve_fds: i32,
+    /// Run in a sub-cgroup of the container: PATH, or CONTROLLER[,CONTROLLER]:PATH (v1)
+    /// (repeatable).
+    #[arg(long)]
+    pub cgroup: Vec<String>,
+    /// SELinux label of the process.
+    #[arg(long = "process-label")]
+    pub process_label: Option<String>,
+    /// AppArmor profile of the process.
+    #[arg(long)]
+    pub apparmor: Option<String>,
     /// Set no_new_privs.
     #[arg(long = "no-new-privs")]
     pub no_new_privs: bool,
-    /// Run in a paused container anyway (accepted).
+    /// Run in a paused container anyway.
     #[arg(long = "ignore-paused")]
     pub ignore_paused: bool,
     /// Container id.
@@ -229,6 +248,9 @@ pub struct PsArgs {
     pub format: String,
     /// Container id.
     pub container_id: String,
+    /// Options for ps(1) (default `-ef`), as with runc.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub ps_args: Vec<String>,
 }
 
 /// `events`
@@ -237,27 +259,60 @@ pub struct EventsArgs {
     /// Print stats once and exit.
     #[arg(long)]
     pub stats: bool,
-    /// Seconds between stats.
-    #[arg(long, default_value_t = 5)]
-    pub interval: u32,
+    /// Time between stats: a duration such as `5s`, `1s`, `100ms` (a bare number is seconds).
+    #[arg(long, default_value = "5s")]
+    pub interval: String,
     /// Container id.
     pub container_id: String,
 }
 
-/// `update`
+/// `update`: runc's flags; a limit not given is left as it is.
 #[derive(Debug, Args)]
 pub struct UpdateArgs {
-    /// JSON LinuxResources file (`-` for stdin).
+    /// JSON LinuxResources file (`-` for stdin); the flags below override its values.
     #[arg(short, long)]
     pub resources: Option<PathBuf>,
-    /// Memory limit in bytes.
-    #[arg(long)]
-    pub memory: Option<i64>,
-    /// CPU shares.
-    #[arg(long = "cpu-shares")]
+    /// Block IO weight (10-1000).
+    #[arg(long = "blkio-weight")]
+    pub blkio_weight: Option<u16>,
+    /// CPU CFS period (µs).
+    #[arg(long = "cpu-period")]
+    pub cpu_period: Option<u64>,
+    /// CPU CFS quota (µs; -1 for none).
+    #[arg(long = "cpu-quota", allow_hyphen_values = true)]
+    pub cpu_quota: Option<i64>,
+    /// CPU shares (relative weight).
+    #[arg(long = "cpu-share", alias = "cpu-shares")]
     pub cpu_shares: Option<u64>,
-    /// Pids limit.
-    #[arg(long = "pids-limit")]
+    /// CPU realtime period (µs).
+    #[arg(long = "cpu-rt-period")]
+    pub cpu_rt_period: Option<u64>,
+    /// CPU realtime runtime (µs).
+    #[arg(long = "cpu-rt-runtime", allow_hyphen_values = true)]
+    pub cpu_rt_runtime: Option<i64>,
+    /// CPUs to run on (`0-3`, `0,1`).
+    #[arg(long = "cpuset-cpus")]
+    pub cpuset_cpus: Option<String>,
+    /// Memory nodes to use.
+    #[arg(long = "cpuset-mems")]
+    pub cpuset_mems: Option<String>,
+    /// Memory limit (bytes, or with a unit: 50M, 1g; -1 for none).
+    #[arg(long, allow_hyphen_values = true)]
+    pub memory: Option<String>,
+    /// Memory soft limit.
+    #[arg(long = "memory-reservation", allow_hyphen_values = true)]
+    pub memory_reservation: Option<String>,
+    /// Memory plus swap limit (-1 for none).
+    #[arg(long = "memory-swap", allow_hyphen_values = true)]
+    pub memory_swap: Option<String>,
+    /// Kernel memory limit (accepted for compatibility; newer kernels ignore it).
+    #[arg(long = "kernel-memory", allow_hyphen_values = true)]
+    pub kernel_memory: Option<String>,
+    /// Kernel TCP buffer limit (accepted for compatibility; newer kernels ignore it).
+    #[arg(long = "kernel-memory-tcp", allow_hyphen_values = true)]
+    pub kernel_memory_tcp: Option<String>,
+    /// Maximum number of pids (-1 for none).
+    #[arg(long = "pids-limit", allow_hyphen_values = true)]
     pub pids_limit: Option<i64>,
     /// Container id.
     pub container_id: String,

@@ -1,9 +1,15 @@
 //! `cryo`: the runc-compatible command line.
 
+mod cgroups;
 mod cli;
 mod commands;
+mod console;
 mod context;
 mod logging;
+mod mounts;
+mod run_bundle;
+mod stdio_owner;
+mod workload;
 
 use clap::{CommandFactory, FromArgMatches};
 
@@ -47,6 +53,12 @@ fn main() {
             cli.criu_plugin_dir.clone(),
         ),
     };
+    // runc's rule: exec's own failures exit 255, apart from any status of the process.
+    let failure_code = if matches!(command, Command::Exec(_)) {
+        255
+    } else {
+        1
+    };
     let result = match command {
         Command::Create(a) => commands::lifecycle::create(&ctx, &a),
         Command::Start(a) => commands::lifecycle::start(&ctx, &a.container_id),
@@ -62,7 +74,7 @@ fn main() {
         Command::Events(a) => commands::info::events(&ctx, &a),
         Command::Update(a) => commands::info::update(&ctx, &a),
         Command::Features => commands::info::features(&ctx),
-        Command::Spec(a) => commands::info::spec(&a),
+        Command::Spec(a) => commands::spec::spec(&a),
         Command::Checkpoint(a) => commands::checkpoint::checkpoint(&ctx, &a),
         Command::Restore(a) => commands::restore::restore(&ctx, &a),
         Command::Verify(a) => commands::verify::verify(&a),
@@ -71,8 +83,8 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            logging::log("error", &format!("{e:#}"));
-            std::process::exit(1);
+            logging::fatal(&format!("{e:#}"));
+            std::process::exit(failure_code);
         }
     }
 }

@@ -215,7 +215,9 @@ fn manage_cgroups_mode_ignore_is_refused_for_a_cgroup_namespace() {
     );
     assert!(rt.fails(&["state", &id]).contains("does not exist"));
     assert!(!rt.root.join(&id).exists());
-    assert_no_cgroup(&format!("/:youki:{id}"));
+    for name in [format!("/{id}"), format!("/:youki:{id}")] {
+        assert_no_cgroup(&name);
+    }
 }
 
 /// What the image asks CRIU to manage: only the hierarchies the container has cgroups of its

@@ -67,7 +67,12 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         .pid()
         .context("the container has no init pid")?
         .as_raw();
-    let bundle = container.bundle().clone();
+    let record = ctx.store.load(id)?;
+    // The user's bundle (libcontainer's may be cryo's copy of the spec, see `run_bundle`).
+    let bundle = record
+        .as_ref()
+        .map(|r| r.bundle.clone())
+        .unwrap_or_else(|| container.bundle().clone());
     let spec = cryo_oci::load_spec(&bundle)?;
     // A GPU container this machine cannot checkpoint is refused here, before anything is
     // touched, with every reason.
@@ -79,11 +84,11 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
              does not take part in pre-dumps; take a full checkpoint"
         );
     }
-    let record = ctx.store.load(id)?;
     let rootfs = match &record {
         Some(r) => r.rootfs.clone(),
         None => cryo_oci::rootfs_path(&bundle, &spec)?,
     };
+    let spec = crate::mounts::as_criu_sees_them(&spec, &bundle, &rootfs);
     let stdio = record
         .map(|r| r.stdio)
         .unwrap_or_else(|| cryo_checkpoint::descriptors::read_stdio(pid));

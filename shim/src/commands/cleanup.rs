@@ -22,7 +22,7 @@ impl CgroupUndo for Cgroups {
     }
 }
 
-/// Kill whatever runs in the cgroups at `cgroup_path` and remove them.
+/// Kill whatever runs in the cgroups at `cgroup_path` and remove them, in every hierarchy.
 pub fn destroy_cgroup(id: &str, cgroup_path: &Path) {
     let Ok(m) = create_cgroup_manager(CgroupConfig {
         cgroup_path: cgroup_path.to_path_buf(),
@@ -45,6 +45,10 @@ pub fn destroy_cgroup(id: &str, cgroup_path: &Path) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let _ = m.remove();
+    // And the container's cgroups in the hierarchies libcgroups leaves alone (see `cgroups`).
+    if let Ok(others) = crate::cgroups::OtherHierarchies::discover() {
+        others.remove(cgroup_path);
+    }
 }
 
 /// For container `id` whose state directory holds no finished container (no `state.json`):

@@ -9,6 +9,7 @@ pub mod info;
 pub mod lifecycle;
 mod loopback;
 pub mod restore;
+pub mod spec;
 pub mod verify;
 
 use anyhow::{bail, Context as _};
@@ -18,6 +19,24 @@ use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::error::LibcontainerError;
 
 use crate::context::Context;
+
+/// A `--pid-file` must be writable where it is asked for: libcontainer only warns when it is
+/// not, runc fails before starting anything.
+pub fn check_pid_file(path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "--pid-file {}: directory {} does not exist",
+            path.display(),
+            parent.display()
+        );
+    }
+    Ok(())
+}
 
 /// libcontainer's status as the transition table's, with the freezer's word on "running":
 /// a container whose cgroup is frozen is paused, whoever froze it (as runc reports it), so a
@@ -82,7 +101,7 @@ pub fn delete_settling(
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut pause = Duration::from_millis(5);
     loop {
-        match c.delete(force) {
+        match delete_container(&mut c, force) {
             Ok(()) => return Ok(()),
             Err(e) if settling(&e) && Instant::now() < deadline => {
                 std::thread::sleep(pause);
@@ -92,6 +111,32 @@ pub fn delete_settling(
             Err(e) => return Err(e).with_context(|| format!("cannot delete container {id}")),
         }
     }
+}
+
+/// libcontainer's delete, plus what runc's delete also handles:
+/// - sub-cgroups the container made (with a writable cgroup mount) or was given (`exec
+///   --cgroup`): a cgroup with children cannot be removed, so with `--force` every process is
+///   killed first (the devices cgroup lists them all), then the sub-cgroups go, then the
+///   container;
+/// - the cgroups runc also made that libcgroups does not manage (`name=systemd`, cgroup2 on a
+///   hybrid host: see `cgroups`), once the container is gone.
+pub fn delete_container(c: &mut Container, force: bool) -> Result<(), LibcontainerError> {
+    let path = c.spec().ok().map(|cfg| cfg.cgroup_path);
+    if force && status_of(c) != cryo_oci::Status::Stopped {
+        let _ = c.kill(nix::sys::signal::Signal::SIGKILL, true);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && info::pids_of(c).is_ok_and(|pids| !pids.is_empty()) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    if let Some(path) = &path {
+        crate::cgroups::remove_sub_cgroups(path);
+    }
+    c.delete(force)?;
+    if let (Some(path), Ok(others)) = (path, crate::cgroups::OtherHierarchies::discover()) {
+        others.remove(&path);
+    }
+    Ok(())
 }
 
 /// The errors a dying container gives while its init is being reaped.
@@ -129,7 +174,7 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
-fn forward_signals(pid: nix::unistd::Pid) -> nix::Result<()> {
+pub(crate) fn forward_signals(pid: nix::unistd::Pid) -> nix::Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     FORWARD_TO.store(pid.as_raw(), std::sync::atomic::Ordering::SeqCst);
     let act = SigAction::new(

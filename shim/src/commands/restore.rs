@@ -24,14 +24,17 @@ use oci_spec::runtime::{LinuxResources, Spec};
 
 use super::checkpoint::image_dir;
 use super::wait_forwarding;
+use crate::cgroups::{cgroups_path, OtherHierarchies};
 use crate::cli::RestoreArgs;
 use crate::context::Context;
+use crate::run_bundle::RunBundle;
 
 /// `restore`
 pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     let id = &a.container_id;
     let bundle = Bundle::load(&a.bundle)?;
     let rootfs = bundle.rootfs()?;
+    super::check_pid_file(a.pid_file.as_deref())?;
     let lock = ctx.store.lock(id)?;
     if ctx.store.exists(id) {
         bail!("container with id {id} already exists: restore under another id or delete it first");
@@ -61,7 +64,17 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     // The state dir is made by the restore itself, once its guardian runs (so a kill at any
     // moment leaves none behind); only its parent must exist here, resolved.
     create_private_dir(ctx.store.root())?;
-    let youki_cfg = YoukiConfig::from_spec(&bundle.spec, id)?;
+    // runc's cgroup naming (see `cgroups`); cryo's copy of the spec saying so is written with
+    // the state (see `run_bundle`): later execs read it.
+    let mut run_spec = bundle.spec.clone();
+    if let Some(mut linux) = run_spec.linux().clone() {
+        linux.set_cgroups_path(Some(cgroups_path(&bundle.spec, id)));
+        run_spec.set_linux(Some(linux));
+    }
+    let youki_cfg = YoukiConfig::from_spec(&run_spec, id)?;
+    let criu_spec = crate::mounts::as_criu_sees_them(&bundle.spec, &bundle.dir, &rootfs);
+    crate::mounts::make_bind_mountpoints(&criu_spec, &rootfs)
+        .context("cannot make the bind mounts' mount points")?;
     if !a.detach && !a.no_subreaper {
         // Orphans of the restored tree must come back to us so we can reap them.
         let _ = nix::sys::prctl::set_child_subreaper(true);
@@ -69,7 +82,7 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     let req = RestoreRequest {
         id: id.clone(),
         bundle: bundle.dir.clone(),
-        spec: bundle.spec.clone(),
+        spec: criu_spec,
         rootfs: rootfs.canonicalize().unwrap_or(rootfs.clone()),
         image_dir: image_dir.clone(),
         work_dir,
@@ -153,11 +166,12 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     // The state first, then the commit: a restore is committed only once the container is
     // on record (dropping `pending` on an error here undoes it, the process included).
     let saved = (|| -> anyhow::Result<()> {
+        let run_bundle = RunBundle::write_into_state(&container_dir, id, &bundle)?;
         let mut container = Container::new(
             id,
             ContainerStatus::Running,
             Some(pid),
-            &bundle.dir,
+            run_bundle.as_deref().unwrap_or(&bundle.dir),
             &container_dir,
         )?;
         container.state.created = Some(chrono::Utc::now());
@@ -202,7 +216,7 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     let code = wait_forwarding(Pid::from_raw(report.pid));
     let _lock = ctx.store.lock(id)?;
     if let Ok(mut c) = Container::load(container_dir) {
-        let _ = c.delete(true);
+        let _ = super::delete_container(&mut c, true);
     }
     Ok(code)
 }
@@ -239,6 +253,8 @@ struct Host {
     manager: Option<AnyCgroupManager>,
     /// Where cryo was before joining: (hierarchy directory of its cgroup).
     original: Vec<PathBuf>,
+    /// The hierarchies runc also places a container in (see `cgroups`).
+    others: OtherHierarchies,
 }
 
 impl Host {
@@ -257,6 +273,7 @@ impl Host {
             criu_makes_cgroups: manage_cgroups_mode == Some("strict"),
             manager: None,
             original: Vec::new(),
+            others: OtherHierarchies::discover().unwrap_or_default(),
         }
     }
 
@@ -328,6 +345,11 @@ impl RestoreHost for Host {
         manager
             .add_task(Pid::this())
             .map_err(|e| format!("joining {}: {e}", self.cgroup_path.display()))?;
+        // runc's other hierarchies too (name=systemd, cgroup2 on a hybrid host): CRIU puts the
+        // restored tasks where cryo is, and a runc image's cgroup mounts name them.
+        self.others
+            .join(&self.cgroup_path, std::process::id() as i32)
+            .map_err(|e| format!("{e:#}"))?;
         let default = LinuxResources::default();
         let resources = self
             .spec
