@@ -278,21 +278,16 @@ impl Host {
     }
 
     /// CRIU's `cg_root` for the container's new cgroups, which CRIU is to make: its path in
-    /// each hierarchy libcgroups puts a container in (cgroup2 on a pure v2 host, every v1
-    /// controller elsewhere), named as CRIU names hierarchies.
+    /// each hierarchy a container is placed in, named as CRIU names hierarchies. That is
+    /// cgroup2 alone on a pure v2 host; elsewhere every mounted hierarchy, since cryo places a
+    /// container in the named and cgroup2 hierarchies too, as runc does (see `cgroups`).
     fn new_cgroup_roots(&self) -> Result<Vec<(String, String)>, String> {
         let unified =
             cryo_cgroup::cgroup_setup().map_err(|e| e.to_string())? == cryo_cgroup::Setup::Unified;
         let path = self.cgroup_path.to_string_lossy().into_owned();
         Ok(own_cgroups()
             .into_iter()
-            .filter(|c| {
-                if unified {
-                    c.controllers.is_empty()
-                } else {
-                    !c.controllers.is_empty() && !c.controllers.starts_with("name=")
-                }
-            })
+            .filter(|c| !unified || c.controllers.is_empty())
             .map(|c| (c.controllers, path.clone()))
             .collect())
     }
