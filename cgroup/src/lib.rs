@@ -14,6 +14,7 @@ mod error;
 pub mod freezer;
 mod guard;
 pub mod mountinfo;
+pub mod stats;
 
 pub use discovery::{
     cgroup_setup, owned_hierarchies, parse_proc_cgroup, v1_controller_paths, ContainerCgroup,

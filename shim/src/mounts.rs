@@ -173,7 +173,7 @@ mod tests {
                 .build()
                 .expect("mount")
         };
-        let mut spec = crate::commands::spec::runc_default_spec().expect("spec");
+        let mut spec = crate::commands::spec::runc_default_spec_for(false).expect("spec");
         spec.set_mounts(Some(vec![
             bind("/test", &outer),
             bind("/test/for/nested", &inner),
@@ -192,7 +192,7 @@ mod tests {
     #[test]
     fn relative_bind_sources_are_the_bundles() {
         let root = tempfile::tempdir().expect("tempdir");
-        let mut spec = crate::commands::spec::runc_default_spec().expect("spec");
+        let mut spec = crate::commands::spec::runc_default_spec_for(false).expect("spec");
         let mut mounts = spec.mounts().clone().unwrap_or_default();
         let bind = oci_spec::runtime::MountBuilder::default()
             .destination("/data")

@@ -218,7 +218,7 @@ mod tests {
     }
 
     fn spec_json() -> serde_json::Value {
-        serde_json::to_value(crate::commands::spec::runc_default_spec().expect("spec"))
+        serde_json::to_value(crate::commands::spec::runc_default_spec_for(false).expect("spec"))
             .expect("json")
     }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cryo_tests::cgroups::{self, Layout};
 use cryo_tests::{unique, Bundle, Runtime};
 
 const SLEEPER: &[&str] = &["sleep", "60"];
@@ -43,6 +44,10 @@ fn spec_writes_runcs_default_spec() {
 /// The hierarchies of this host that have a directory for `path` (`controllers → dir`).
 fn cgroup_dirs(path: &str) -> Vec<PathBuf> {
     let mut dirs = Vec::new();
+    if cgroups::layout() == Layout::Unified {
+        let d = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+        return if d.is_dir() { vec![d] } else { dirs };
+    }
     for entry in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
         let d = entry.path().join(path.trim_start_matches('/'));
         if d.is_dir() {
@@ -61,29 +66,44 @@ fn a_default_spec_container_lives_in_runcs_cgroup_in_every_hierarchy() {
     let _g = rt.guard(&id);
     run_detached(&rt, &b, &id);
     let pid = rt.state(&id)["pid"].as_i64().unwrap();
-    let expect_all_in = |cgroup: &str, who: &str| {
-        for line in cgroup.lines() {
-            assert!(line.ends_with(&format!(":/{id}")), "{who}: {line}");
+    let init = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let exec = rt.ok(&["exec", &id, "cat", "/proc/self/cgroup"]);
+    let sub = match cgroups::layout() {
+        Layout::Hybrid => {
+            let expect_all_in = |cgroup: &str, who: &str| {
+                for line in cgroup.lines() {
+                    assert!(line.ends_with(&format!(":/{id}")), "{who}: {line}");
+                }
+                assert!(
+                    cgroup.contains(":name=systemd:") && cgroup.contains("\n0::"),
+                    "{cgroup}"
+                );
+            };
+            expect_all_in(&init, "init");
+            expect_all_in(&exec, "exec");
+            assert!(cgroup_dirs(&id).len() >= 3, "{:?}", cgroup_dirs(&id));
+            Path::new("/sys/fs/cgroup/memory").join(&id).join("sub")
         }
-        assert!(
-            cgroup.contains(":name=systemd:") && cgroup.contains("\n0::"),
-            "{cgroup}"
-        );
+        Layout::Unified => {
+            // One hierarchy; runc's default spec there has a cgroup namespace, so the
+            // container sees its cgroup as the root. (The v1 lines an emulated v2 host still
+            // lists are not the container's: a real v2 host has none.)
+            assert!(
+                init.lines().any(|l| l == format!("0::/{id}")),
+                "init: {init}"
+            );
+            assert!(exec.lines().any(|l| l == "0::/"), "exec: {exec}");
+            assert_eq!(cgroup_dirs(&id).len(), 1, "{:?}", cgroup_dirs(&id));
+            Path::new("/sys/fs/cgroup").join(&id).join("sub")
+        }
     };
-    expect_all_in(
-        &std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap(),
-        "init",
-    );
-    expect_all_in(&rt.ok(&["exec", &id, "cat", "/proc/self/cgroup"]), "exec");
     assert_eq!(
         std::fs::read(b.dir.join("config.json")).unwrap(),
         config_before,
         "the user's config.json is never written"
     );
     assert_eq!(rt.state(&id)["bundle"], b.dir.to_str().unwrap());
-    assert!(cgroup_dirs(&id).len() >= 3, "{:?}", cgroup_dirs(&id));
     // A sub-cgroup made inside the container's does not keep delete from removing it.
-    let sub = Path::new("/sys/fs/cgroup/memory").join(&id).join("sub");
     std::fs::create_dir(&sub).unwrap();
     rt.ok(&["delete", "--force", &id]);
     assert!(cgroup_dirs(&id).is_empty(), "left: {:?}", cgroup_dirs(&id));
@@ -263,17 +283,25 @@ fn exec_follows_runc_exit_codes_groups_fds_and_cgroups() {
     assert!(rt
         .fails(&["exec", "--cgroup", "whaaat:/", &id, "true"])
         .contains("unknown controller "));
-    std::fs::create_dir(Path::new("/sys/fs/cgroup/memory").join(&id).join("sub")).unwrap();
-    let cg = rt.ok(&[
-        "exec",
-        "--cgroup",
-        "memory:sub",
-        &id,
-        "cat",
-        "/proc/self/cgroup",
-    ]);
-    assert!(cg.contains(&format!(":memory:/{id}/sub\n")), "{cg}");
-    assert!(cg.contains(&format!(":pids:/{id}\n")), "{cg}");
+    if cgroups::layout() == Layout::Hybrid {
+        std::fs::create_dir(Path::new("/sys/fs/cgroup/memory").join(&id).join("sub")).unwrap();
+        let cg = rt.ok(&[
+            "exec",
+            "--cgroup",
+            "memory:sub",
+            &id,
+            "cat",
+            "/proc/self/cgroup",
+        ]);
+        assert!(cg.contains(&format!(":memory:/{id}/sub\n")), "{cg}");
+        assert!(cg.contains(&format!(":pids:/{id}\n")), "{cg}");
+    } else {
+        // One hierarchy: the sub-cgroup is the process's cgroup (seen from the container's
+        // cgroup namespace, whose root is the container's cgroup).
+        std::fs::create_dir(Path::new("/sys/fs/cgroup").join(&id).join("sub")).unwrap();
+        let cg = rt.ok(&["exec", "--cgroup", "sub", &id, "cat", "/proc/self/cgroup"]);
+        assert!(cg.lines().any(|l| l == "0::/sub"), "{cg}");
+    }
     rt.ok(&["delete", "--force", &id]);
 }
 
@@ -484,16 +512,22 @@ fn run_keep_ps_list_events_and_kill_all_behave_as_runc() {
         .cmd()
         .args(["events", "--interval", "100ms", &id])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut first = [0u8; 40];
-    events
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut first)
-        .unwrap();
+    // Read in a thread: a cryo that prints nothing must fail the test, not hang it.
+    let mut out = events.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut first = [0u8; 40];
+        let _ = tx.send(out.read_exact(&mut first).map(|()| first));
+    });
+    let Ok(Ok(first)) = rx.recv_timeout(Duration::from_secs(20)) else {
+        let _ = events.kill();
+        let mut err = String::new();
+        let _ = events.stderr.take().unwrap().read_to_string(&mut err);
+        panic!("events printed no stats line within 20 s; stderr: {err}");
+    };
     assert!(
         String::from_utf8_lossy(&first).starts_with(&format!(r#"{{"type":"stats","id":"{id}""#)),
         "{}",

@@ -11,9 +11,8 @@ use containerd_shim::protos::cgroups::metrics as v1;
 use containerd_shim::protos::cgroups_v2::metrics as v2;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
-use libcgroups::common::{
-    create_cgroup_manager, get_cgroup_setup, CgroupConfig, CgroupManager, CgroupSetup,
-};
+use cryo_cgroup::stats::Offered;
+use libcgroups::common::{create_cgroup_manager, get_cgroup_setup, CgroupConfig, CgroupSetup};
 use libcgroups::stats::{BlkioDeviceStat, MemoryData, Stats};
 
 /// Reading stats failed.
@@ -72,20 +71,10 @@ pub fn metrics(path: &Path) -> Result<Any, StatsError> {
     })
     .map_err(|e| read_error(e.to_string()))?;
     let unified = matches!(get_cgroup_setup(), Ok(CgroupSetup::Unified));
+    let (stats, offered) = cryo_cgroup::stats::read(&manager, path).map_err(read_error)?;
     let message: Box<dyn MessageDyn> = if unified {
-        let dir = Path::new(V2_ROOT).join(path.strip_prefix("/").unwrap_or(path));
-        let offered = Offered::in_cgroup(&dir);
-        // libcgroups reads every controller's files and fails on the first one missing; a
-        // cgroup need not have them all (a delegated slice may enable no memory or pids
-        // controller), and containerd's runc shim then reports what there is.
-        let stats = if offered.all() {
-            manager.stats().map_err(|e| read_error(e.to_string()))?
-        } else {
-            offered_stats(&dir, &offered).map_err(read_error)?
-        };
         Box::new(to_v2(&stats, &offered))
     } else {
-        let stats = manager.stats().map_err(|e| read_error(e.to_string()))?;
         Box::new(to_v1(&stats, clock_ticks_per_second()))
     };
     let mut any = Any::new();
@@ -94,84 +83,6 @@ pub fn metrics(path: &Path) -> Result<Any, StatsError> {
         .write_to_bytes_dyn()
         .map_err(|e| read_error(format!("encode: {e}")))?;
     Ok(any)
-}
-
-const V2_ROOT: &str = "/sys/fs/cgroup";
-
-/// The controllers whose files a cgroup2 cgroup has (cpu.stat is there in every one).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Offered {
-    memory: bool,
-    pids: bool,
-    io: bool,
-    hugetlb: bool,
-}
-
-impl Offered {
-    fn in_cgroup(dir: &Path) -> Self {
-        Self::from_list(
-            &std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default(),
-        )
-    }
-
-    /// From a `cgroup.controllers` line ("cpuset cpu io memory pids").
-    pub fn from_list(list: &str) -> Self {
-        let has = |name: &str| list.split_whitespace().any(|c| c == name);
-        Self {
-            memory: has("memory"),
-            pids: has("pids"),
-            io: has("io"),
-            hugetlb: has("hugetlb"),
-        }
-    }
-
-    fn all(&self) -> bool {
-        self.memory && self.pids && self.io && self.hugetlb
-    }
-}
-
-/// The stats of the controllers the cgroup has: cpu.stat always, memory and pids when offered.
-fn offered_stats(dir: &Path, offered: &Offered) -> Result<Stats, String> {
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name))
-            .map_err(|e| format!("{}: {e}", dir.join(name).display()))
-    };
-    let keyed = |name: &str| -> Result<HashMap<String, u64>, String> {
-        Ok(read(name)?
-            .lines()
-            .filter_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                Some((k.to_string(), v.trim().parse().ok()?))
-            })
-            .collect())
-    };
-    let value = |name: &str| -> Result<u64, String> {
-        let text = read(name)?;
-        match text.trim() {
-            "max" => Ok(u64::MAX),
-            v => v
-                .parse()
-                .map_err(|e| format!("{}: {e}", dir.join(name).display())),
-        }
-    };
-    let mut stats = Stats::default();
-    let cpu = keyed("cpu.stat")?;
-    let get = |k: &str| cpu.get(k).copied().unwrap_or(0);
-    stats.cpu.usage.usage_total = get("usage_usec");
-    stats.cpu.usage.usage_user = get("user_usec");
-    stats.cpu.usage.usage_kernel = get("system_usec");
-    stats.cpu.throttling.periods = get("nr_periods");
-    stats.cpu.throttling.throttled_periods = get("nr_throttled");
-    stats.cpu.throttling.throttled_time = get("throttled_usec");
-    if offered.pids {
-        stats.pids = libcgroups::stats::pid_stats(dir).map_err(|e| e.to_string())?;
-    }
-    if offered.memory {
-        stats.memory.memory.usage = value("memory.current")?;
-        stats.memory.memory.limit = value("memory.max")?;
-        stats.memory.stats = keyed("memory.stat")?;
-    }
-    Ok(stats)
 }
 
 fn clock_ticks_per_second() -> u64 {
@@ -356,10 +267,10 @@ pub fn to_v2(stats: &Stats, offered: &Offered) -> v2::Metrics {
         }),
         ..Default::default()
     };
-    if !offered.pids {
+    if !offered.pids() {
         metrics.pids = MessageField::none();
     }
-    if !offered.memory {
+    if !offered.memory() {
         metrics.memory = MessageField::none();
     }
     metrics
@@ -448,29 +359,10 @@ mod tests {
     #[test]
     fn v2_metrics_leave_out_the_controllers_a_cgroup_lacks() {
         let offered = Offered::from_list("cpu io\n");
-        assert!(!offered.all());
         let mut stats = Stats::default();
         stats.cpu.usage.usage_total = 12;
         let m = to_v2(&stats, &offered);
         assert_eq!(m.cpu.usage_usec, 12);
         assert!(m.memory.is_none() && m.pids.is_none());
-    }
-
-    #[test]
-    fn a_cgroup_without_memory_or_pids_still_reports_its_cpu() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(
-            dir.path().join("cpu.stat"),
-            "usage_usec 900\nuser_usec 600\nsystem_usec 300\nnr_periods 0\n",
-        )
-        .expect("cpu.stat");
-        let stats = offered_stats(dir.path(), &Offered::from_list("")).expect("stats");
-        assert_eq!(
-            (stats.cpu.usage.usage_total, stats.cpu.usage.usage_user),
-            (900, 600)
-        );
-        // memory offered but its files missing: an error naming the file, not zeros.
-        let err = offered_stats(dir.path(), &Offered::from_list("memory")).unwrap_err();
-        assert!(err.contains("memory.current"), "{err}");
     }
 }

@@ -303,12 +303,21 @@ impl SubCgroups {
     /// does not exist is an error (runc's rule: exec does not create cgroups).
     fn procs_files(&self, cgroups_path: &Path) -> anyhow::Result<Vec<std::fs::File>> {
         let all = hierarchies()?;
+        let mut unified_sub = None;
         if let Some(sub) = &self.all {
             for h in all.iter().filter(|h| !h.controllers.is_empty()) {
                 let base = h.dir(cgroups_path)?;
                 let managed = h.controllers.iter().all(|c| !c.starts_with("name="));
                 if managed && base.is_dir() {
                     open_procs(&base.join(sub.trim_start_matches('/')))?;
+                }
+            }
+            // On a pure cgroup v2 host the one hierarchy is libcgroups' and not among the
+            // "other" ones: the process moves itself into the sub-cgroup there.
+            if cryo_cgroup::cgroup_setup()? == cryo_cgroup::Setup::Unified {
+                if let Some(h) = all.iter().find(|h| h.controllers.is_empty()) {
+                    let dir = h.dir(cgroups_path)?.join(sub.trim_start_matches('/'));
+                    unified_sub = Some(open_procs(&dir)?);
                 }
             }
         }
@@ -327,6 +336,7 @@ impl SubCgroups {
                 files.push(open_procs(&dir)?);
             }
         }
+        files.extend(unified_sub);
         Ok(files)
     }
 }
@@ -363,7 +373,7 @@ mod tests {
 
     #[test]
     fn the_exec_process_is_the_containers_with_the_flags_applied() {
-        let mut spec = crate::commands::spec::runc_default_spec().expect("spec");
+        let mut spec = crate::commands::spec::runc_default_spec_for(false).expect("spec");
         let mut p = spec.process().clone().expect("process");
         let mut user = p.user().clone();
         user.set_uid(1000);
@@ -402,7 +412,7 @@ mod tests {
 
     #[test]
     fn an_added_capability_lands_in_the_bounding_effective_and_permitted_sets() {
-        let spec = crate::commands::spec::runc_default_spec().expect("spec");
+        let spec = crate::commands::spec::runc_default_spec_for(false).expect("spec");
         let p = process_from_flags(&spec, &args(&["--cap", "CAP_SYSLOG", "c1", "true"]))
             .expect("process");
         let caps = p.capabilities().clone().expect("caps");

@@ -193,10 +193,14 @@ pub fn events(ctx: &Context, a: &EventsArgs) -> anyhow::Result<i32> {
     let interval = parse_duration(&a.interval)?;
     let c = load_for(ctx, id, Verb::Events)?;
     let manager = manager(&c)?;
+    let cgroups_path = c
+        .spec()
+        .context("cannot read the container's saved config")?
+        .cgroup_path;
+    // What the cgroup has: a cgroup2 cgroup without some controllers still has its cpu stats.
     let stats_line = |m: &libcgroups::common::AnyCgroupManager| -> anyhow::Result<String> {
-        let stats = m
-            .stats()
-            .context("cannot read the container's cgroup stats")?;
+        let (stats, _) = cryo_cgroup::stats::read(m, &cgroups_path)
+            .map_err(|e| anyhow::anyhow!("cannot read the container's cgroup stats: {e}"))?;
         Ok(serde_json::to_string(&Event {
             kind: "stats",
             id,
@@ -207,10 +211,6 @@ pub fn events(ctx: &Context, a: &EventsArgs) -> anyhow::Result<i32> {
         println!("{}", stats_line(&manager)?);
         return Ok(0);
     }
-    let cgroups_path = c
-        .spec()
-        .context("cannot read the container's saved config")?
-        .cgroup_path;
     let mut oom = OomCounter::find(&cgroups_path);
     let step = interval.min(Duration::from_millis(100));
     let mut next_stats = Instant::now();

@@ -2,8 +2,9 @@
 //!
 //! Tools and tests make a bundle with the runtime's own `spec` and then edit it (runc's own
 //! integration suite does, and expects a terminal), so cryo writes what runc writes: an
-//! interactive `sh` with a terminal, runc's five namespaces (no cgroup namespace), a device
-//! cgroup that denies everything not listed, no inheritable capabilities.
+//! interactive `sh` with a terminal, runc's five namespaces (plus a cgroup namespace on a pure
+//! cgroup v2 host, as runc adds one there), a device cgroup that denies everything not listed,
+//! no inheritable capabilities.
 
 use std::path::Path;
 
@@ -16,8 +17,9 @@ use serde::Serialize;
 
 use crate::cli::SpecArgs;
 
-/// runc's default spec, built on oci-spec's (which matches it in process, root and mounts).
-pub fn runc_default_spec() -> anyhow::Result<Spec> {
+/// runc's default spec, built on oci-spec's (which matches it in process, root and mounts);
+/// `unified`: for a pure cgroup v2 host, where runc adds a cgroup namespace.
+pub fn runc_default_spec_for(unified: bool) -> anyhow::Result<Spec> {
     let mut spec = Spec::default();
     spec.set_hostname(Some("runc".into()));
     spec.set_annotations(None);
@@ -54,6 +56,7 @@ pub fn runc_default_spec() -> anyhow::Result<Spec> {
         LinuxNamespaceType::Mount,
     ]
     .into_iter()
+    .chain(unified.then_some(LinuxNamespaceType::Cgroup))
     .map(|t| LinuxNamespaceBuilder::default().typ(t).build())
     .collect::<Result<Vec<_>, _>>()?;
     let deny_all = LinuxDeviceCgroupBuilder::default()
@@ -136,7 +139,8 @@ fn write_default_spec(bundle: &Path) -> anyhow::Result<()> {
     if path.exists() {
         bail!("File {} exists. Remove it first", path.display());
     }
-    let bytes = render(&runc_default_spec()?)?;
+    let unified = cryo_cgroup::cgroup_setup()? == cryo_cgroup::Setup::Unified;
+    let bytes = render(&runc_default_spec_for(unified)?)?;
     std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -147,7 +151,7 @@ mod tests {
     #[test]
     fn the_default_spec_is_runcs_terminal_sh_with_five_namespaces_and_devices_denied() {
         let v = serde_json::from_slice::<serde_json::Value>(
-            &render(&runc_default_spec().expect("spec")).expect("render"),
+            &render(&runc_default_spec_for(false).expect("spec")).expect("render"),
         )
         .expect("json");
         assert_eq!(v["process"]["terminal"], true);
@@ -161,6 +165,13 @@ mod tests {
             .filter_map(|n| n["type"].as_str())
             .collect();
         assert_eq!(ns, ["pid", "network", "ipc", "uts", "mount"]);
+        let v2 = runc_default_spec_for(true).expect("spec");
+        let last = v2.linux().as_ref().and_then(|l| l.namespaces().clone());
+        assert_eq!(
+            last.and_then(|n| n.last().map(|n| n.typ())),
+            Some(LinuxNamespaceType::Cgroup),
+            "runc adds a cgroup namespace on a pure cgroup v2 host"
+        );
         assert_eq!(
             v["linux"]["resources"]["devices"],
             serde_json::json!([{"allow": false, "access": "rwm"}])
@@ -175,7 +186,7 @@ mod tests {
 
     #[test]
     fn a_hostname_needs_a_uts_namespace_of_the_containers_own() {
-        let mut spec = runc_default_spec().expect("spec");
+        let mut spec = runc_default_spec_for(false).expect("spec");
         check_runnable(&spec).expect("runc's default has both");
         let mut linux = spec.linux().clone().expect("linux");
         let without_uts: Vec<_> = linux
