@@ -97,20 +97,35 @@ pub fn delete_settling(
     verb: cryo_oci::Verb,
     force: bool,
 ) -> anyhow::Result<()> {
-    let mut c = load_for(ctx, id, verb)?;
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut pause = Duration::from_millis(5);
+    let mut wait = || {
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    };
     loop {
+        // Loading reads the init's /proc/<pid>/stat too, and can lose it to the reaper.
+        let mut c = match load_for(ctx, id, verb) {
+            Ok(c) => c,
+            Err(e) if settling_load(&e) && Instant::now() < deadline => {
+                wait();
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         match delete_container(&mut c, force) {
             Ok(()) => return Ok(()),
-            Err(e) if settling(&e) && Instant::now() < deadline => {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(200));
-                c = load_for(ctx, id, verb)?;
-            }
+            Err(e) if settling(&e) && Instant::now() < deadline => wait(),
             Err(e) => return Err(e).with_context(|| format!("cannot delete container {id}")),
         }
     }
+}
+
+/// A load that failed on a settling container (see [`settling`]).
+fn settling_load(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<LibcontainerError>())
+        .any(settling)
 }
 
 /// libcontainer's delete, plus what runc's delete also handles:
@@ -211,5 +226,15 @@ mod tests {
         assert!(!settling(&denied));
         let other = LibcontainerError::OtherCgroup("invalid cgroup path".into());
         assert!(!settling(&other));
+    }
+
+    #[test]
+    fn a_load_that_lost_the_inits_stat_is_worth_a_retry() {
+        let vanished =
+            LibcontainerError::Procfs(procfs::ProcError::NotFound(Some("/proc/9749/stat".into())));
+        let e = anyhow::Error::new(vanished).context("cannot load the state of container c1");
+        assert!(settling_load(&e));
+        let e = anyhow::anyhow!("container c1 does not exist");
+        assert!(!settling_load(&e));
     }
 }
