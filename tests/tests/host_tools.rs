@@ -8,12 +8,15 @@ use std::process::Stdio;
 use cryo_tests::{unique, Bundle, Runtime};
 
 /// `lo`'s flags inside the container (IFF_UP is bit 0), its state as busybox's `ip` sees it,
-/// then a line sent to itself over 127.0.0.1.
+/// then a line sent to itself over 127.0.0.1 (retried until the listener is up: a fixed
+/// sleep lost that race on a loaded machine).
 const SHOW_LO: &[&str] = &[
     "sh",
     "-c",
     "cat /sys/class/net/lo/flags; ip -o link show lo; \
-     nc -l -p 7777 >/tmp/got & sleep 0.3; echo over-lo | nc 127.0.0.1 7777; wait; cat /tmp/got",
+     nc -l -p 7777 >/tmp/got & \
+     for i in $(seq 100); do echo over-lo | nc 127.0.0.1 7777 2>/dev/null && break; sleep 0.1; done; \
+     wait; cat /tmp/got",
 ];
 
 #[test]
