@@ -273,7 +273,7 @@ pub fn held(pid: i64) -> bool {
     false
 }
 
-/// Wait until a `criu` child of `busy` runs while the workload still beats: CRIU started,
+/// Wait until the dump's `criu` child of `busy` runs while the workload still beats: CRIU started,
 /// the freeze not yet. Returns CRIU's pid, stopped (SIGSTOP): send it SIGCONT after striking.
 pub fn wait_for_criu_before_freeze(
     hb: &Heartbeat,
@@ -285,7 +285,9 @@ pub fn wait_for_criu_before_freeze(
         if busy.try_wait().unwrap().is_some() {
             return None;
         }
-        if let Some(c) = criu_child(busy.id()) {
+        if let Some(c) = criu_child(busy.id()).filter(|&c| has_open(c, "dump.log")) {
+            // Only the dump's CRIU counts (it has opened its log): cryo also runs short-lived
+            // CRIUs to ask the version, and one of those killed after it answered is no fault.
             // Hold CRIU where it is, then make sure the workload still beats: the moment
             // stays "before the freeze" until the caller strikes (and lets CRIU go on).
             signal(c, nix::sys::signal::Signal::SIGSTOP);
@@ -297,6 +299,17 @@ pub fn wait_for_criu_before_freeze(
         std::thread::sleep(Duration::from_micros(200));
     }
     None
+}
+
+/// Whether process `pid` holds an open file whose path ends with `/name` (CRIU's log: the
+/// CRIU doing the work, not a version query).
+pub fn has_open(pid: i32, name: &str) -> bool {
+    let suffix = format!("/{name}");
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().ends_with(&suffix))
+        })
+    })
 }
 
 /// Wait until the workload beats again after a freeze while `busy` still runs (the part of a

@@ -12,8 +12,8 @@ use cryo_checkpoint::manifest::Manifest;
 use cryo_tests::bundle::busybox_rootfs;
 use cryo_tests::fanotify::OpenTrap;
 use cryo_tests::faults::{
-    criu_child, finish, heartbeat_bin, mounts_below, processes_mentioning, record, signal, spawn,
-    Heartbeat,
+    criu_child, finish, has_open, heartbeat_bin, mounts_below, processes_mentioning, record,
+    signal, spawn, Heartbeat,
 };
 use cryo_tests::tree_digest::tree_digest;
 use cryo_tests::{unique, Bundle, Runtime};
@@ -72,7 +72,7 @@ fn wait_for_restoring_criu(rt: &Runtime, id: &str, child: &mut std::process::Chi
         assert!(Instant::now() < end, "CRIU's restore never started");
         let recorded = std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("cgroup_path"));
         if recorded {
-            if let Some(c) = criu_child(child.id()) {
+            if let Some(c) = criu_child(child.id()).filter(|&c| has_open(c, "restore.log")) {
                 return c;
             }
         }
@@ -466,7 +466,7 @@ fn a_killed_restore_is_undone_and_delete_never_touches_the_rootfs() {
     let end = Instant::now() + Duration::from_secs(30);
     let mut seen = false;
     while child.try_wait().unwrap().is_none() && Instant::now() < end {
-        if criu_child(child.id()).is_some() {
+        if criu_child(child.id()).is_some_and(|c| has_open(c, "restore.log")) {
             seen = true;
             break;
         }

@@ -193,7 +193,7 @@ impl<'r, 'a> Dumped<'r, 'a> {
         let manifest = Manifest {
             format: FORMAT.into(),
             cryo_version: env!("CARGO_PKG_VERSION").into(),
-            criu_version: p.env.criu.version().unwrap_or_default(),
+            criu_version: p.criu_version,
             container_id: p.req.id.clone(),
             spec_sha256,
             created: chrono::Utc::now(),

@@ -26,6 +26,8 @@ pub(super) struct Prepared<'r, 'a> {
     pub(super) req: &'r DumpRequest,
     pub(super) env: &'r DumpEnv<'a>,
     pub(super) started: Instant,
+    /// CRIU's version as checked before anything was touched.
+    pub(super) criu_version: u32,
     pub(super) kind: CallKind,
     pub(super) opts: rpc::Criu_opts,
     pub(super) plan: DumpPlan,
@@ -56,7 +58,8 @@ impl<'r, 'a> Prepared<'r, 'a> {
             left: LeftAs::Untouched,
             log: None,
         };
-        check_criu(env.criu, &req.flags).map_err(|e| fail("checking CRIU", e.into()))?;
+        let criu_version =
+            check_criu(env.criu, &req.flags).map_err(|e| fail("checking CRIU", e.into()))?;
         let target = ImageTarget::inspect(&req.image_dir)
             .map_err(|e| fail("checking the image path", e.into()))?;
         let mut guardian = Guardian::start(env.guardian, env.lock)
@@ -151,6 +154,7 @@ impl<'r, 'a> Prepared<'r, 'a> {
             req,
             env,
             started,
+            criu_version,
             kind,
             opts,
             plan,

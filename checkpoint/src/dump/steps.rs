@@ -13,7 +13,9 @@ use crate::manifest::RootfsRecord;
 use crate::plan::DumpPlan;
 use crate::rootfs::{self, RootfsKind};
 
-pub(super) fn check_criu(criu: &dyn CriuClient, f: &DumpFlags) -> Result<(), CriuError> {
+/// Checks CRIU's version and the features the flags need; returns the version, which the
+/// manifest records (asked once: every query is a CRIU process of its own).
+pub(super) fn check_criu(criu: &dyn CriuClient, f: &DumpFlags) -> Result<u32, CriuError> {
     let v = criu.version()?;
     if v < MIN_CRIU {
         return Err(CriuError::TooOld {
@@ -42,7 +44,7 @@ pub(super) fn check_criu(criu: &dyn CriuClient, f: &DumpFlags) -> Result<(), Cri
             ));
         }
     }
-    Ok(())
+    Ok(v)
 }
 
 pub(super) fn detect(req: &DumpRequest) -> Result<Option<RootfsKind>, String> {
