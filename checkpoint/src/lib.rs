@@ -16,3 +16,4 @@ pub mod prefault;
 pub mod restore;
 pub mod rootfs;
 pub mod signals;
+pub mod store;

@@ -122,6 +122,7 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         criu_timeout: Duration::from_secs(a.criu_timeout),
         failure_log_dir: Some(ctx.store.container_dir(id)),
         gpu,
+        parent: None,
     };
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
     let mut swrk = SwrkClient::new(&ctx.criu)
