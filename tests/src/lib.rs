@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod bundle;
+pub mod churn;
 pub mod fanotify;
 pub mod faults;
 pub mod runtime;

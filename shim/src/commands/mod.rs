@@ -8,6 +8,7 @@ pub mod guardian;
 pub mod info;
 pub mod lifecycle;
 pub mod restore;
+pub mod store;
 pub mod verify;
 
 use anyhow::{bail, Context as _};
