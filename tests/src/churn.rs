@@ -40,6 +40,15 @@ pub fn bundle(mib: u32) -> Bundle {
     Bundle::overlay(&lower(), &["/churn", &mib.to_string()])
 }
 
+/// The same for `churn mib 50 64 shared`: the memory is a shared anonymous mapping (CRIU
+/// dumps it as shared memory, `pagemap-shmem-*.img`).
+pub fn shared_bundle(mib: u32) -> Bundle {
+    Bundle::overlay(
+        &lower(),
+        &["/churn", &mib.to_string(), "50", "64", "shared"],
+    )
+}
+
 /// A running churn container.
 pub struct Churn {
     /// Its runtime.
@@ -71,7 +80,11 @@ impl State {
 impl Churn {
     /// Start `churn mib` as `id` under `rt` and wait until it beats.
     pub fn start(rt: &Runtime, id: &str, mib: u32) -> Self {
-        let bundle = bundle(mib);
+        Self::start_in(rt, id, bundle(mib))
+    }
+
+    /// Start the churn container `id` of `bundle`.
+    pub fn start_in(rt: &Runtime, id: &str, bundle: Bundle) -> Self {
         let lines =
             rt.spawn_with_pipe(&["run", "-d", "--bundle", bundle.dir.to_str().unwrap(), id]);
         let c = Self {
@@ -90,7 +103,11 @@ impl Churn {
     /// Restore `id` from checkpoint store `store` into a fresh bundle; returns the container
     /// and what cryo said on stderr.
     pub fn restore_from_store(rt: &Runtime, store: &Path, id: &str, mib: u32) -> (Self, String) {
-        let bundle = bundle(mib);
+        Self::restore_into(rt, store, id, bundle(mib))
+    }
+
+    /// The same into a given (fresh) bundle.
+    pub fn restore_into(rt: &Runtime, store: &Path, id: &str, bundle: Bundle) -> (Self, String) {
         let (lines, stderr) = spawn_keeping_stderr(rt.cmd().args([
             "restore",
             "-d",

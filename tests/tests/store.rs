@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use cryo_tests::churn::{Churn, State};
+use cryo_tests::churn::{shared_bundle, Churn, State};
 use cryo_tests::faults::{processes_mentioning, signal};
 use cryo_tests::{unique, Runtime};
 use nix::sys::signal::Signal;
@@ -537,5 +537,49 @@ fn store_refusals_name_the_problem() {
     let e = rt.fails(&["store", "ls", "/nonexistent/store"]);
     assert!(e.contains("not a checkpoint store"), "{e}");
     assert!(c.beating(Duration::from_secs(5)));
+    finish_off(c);
+}
+
+/// Shared memory (a shared anonymous mapping, dumped as `pagemap-shmem-*`) goes through the
+/// same increments and comes back exactly.
+#[test]
+fn shared_memory_generations_restore_exactly() {
+    const MIB: u32 = 128;
+    let rt = Runtime::cryo();
+    let store = StoreDir::new();
+    let (id, rid) = (unique("shm"), unique("shm-r"));
+    let (_g, _rg) = (rt.guard(&id), rt.guard(&rid));
+    let c = Churn::start_in(&rt, &id, shared_bundle(MIB));
+    let mut state = c.state();
+    for _ in 0..3 {
+        state = c.round();
+        rt.ok(&[
+            "checkpoint",
+            "--store",
+            store.path(),
+            "--leave-running",
+            &id,
+        ]);
+    }
+    let gens = ls(&rt, &store);
+    let last = gens.last().unwrap();
+    assert_eq!(last["kind"], "incremental", "{gens:#?}");
+    // 5 % of the segment changed; the rest is left to the parents.
+    assert!(
+        last["pages_in_parent"].as_u64().unwrap() > (MIB as u64 * 8 / 10) << 20,
+        "{last:#}"
+    );
+    let gen_dir = store.0.join(last["generation"].as_str().unwrap());
+    assert!(
+        std::fs::read_dir(&gen_dir).unwrap().flatten().any(|e| e
+            .file_name()
+            .to_string_lossy()
+            .starts_with("pagemap-shmem-")),
+        "the workload's memory was not dumped as shared memory"
+    );
+    let (r, stderr) = Churn::restore_into(&rt, &store.0, &rid, shared_bundle(MIB));
+    assert!(!stderr.contains("falling back"), "{stderr}");
+    r.assert_holds(&state);
+    finish_off(r);
     finish_off(c);
 }

@@ -128,3 +128,7 @@ pub fn parent_of<'m>(
     }
     Ok(Some((parent_dir, record)))
 }
+
+#[cfg(test)]
+#[path = "chain_tests.rs"]
+mod tests;
