@@ -17,3 +17,4 @@ pub mod prefault;
 pub mod restore;
 pub mod rootfs;
 pub mod signals;
+pub mod store;

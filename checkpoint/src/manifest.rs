@@ -24,11 +24,19 @@ pub const FORMAT: &str = "cryo.checkpoint/v2";
 /// The previous format, still read (no file digests: restored with a warning).
 pub const FORMAT_V1: &str = "cryo.checkpoint/v1";
 /// Requirements this build understands (see [`Manifest::requires`]).
-pub const KNOWN_REQUIREMENTS: &[&str] = &[REQ_COMPRESSED_PAGES, REQ_PAX_SPARSE, REQ_CUDA];
+pub const KNOWN_REQUIREMENTS: &[&str] = &[
+    REQ_COMPRESSED_PAGES,
+    REQ_PAX_SPARSE,
+    REQ_CUDA,
+    REQ_PARENT_CHAIN,
+];
 /// The page images are stored zstd-compressed (`--compress-pages`).
 pub const REQ_COMPRESSED_PAGES: &str = "compressed-pages";
 /// The image holds CUDA state: it restores only through CRIU's CUDA plugin ([`crate::gpu`]).
 pub const REQ_CUDA: &str = "cuda";
+/// The image is an increment over the store generation named in [`Manifest::parent`]: some of
+/// its pages are in that generation's images (CRIU's `parent` link), see [`crate::store`].
+pub const REQ_PARENT_CHAIN: &str = "parent-chain";
 /// Sparse files in the changeset use GNU's PAX sparse map.
 pub const REQ_PAX_SPARSE: &str = "changeset-pax-sparse";
 /// The JSON key of the manifest's own digest.
@@ -65,6 +73,10 @@ pub struct Timings {
     /// Digesting the image's files (after the thaw).
     #[serde(default)]
     pub digest_ms: f64,
+    /// Keeping only the pages that changed since the parent generation (after the thaw;
+    /// store generations, [`crate::store::delta`]).
+    #[serde(default)]
+    pub increment_ms: f64,
     /// The whole verb until durable.
     pub total_ms: f64,
 }
@@ -158,6 +170,10 @@ pub struct Manifest {
     /// Every file of the image (but this one and CRIU's logs) with its size and digest.
     #[serde(default)]
     pub files: Vec<FileRecord>,
+    /// The store generation this image is an increment of ([`crate::store`]); its pages that
+    /// did not change since are read from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<crate::store::ParentRecord>,
     /// What a reader must understand to restore this image ([`KNOWN_REQUIREMENTS`]).
     #[serde(default)]
     pub requires: Vec<String>,
@@ -358,6 +374,7 @@ pub(crate) mod tests {
                 size: 3,
                 blake3: "ab".repeat(32),
             }],
+            parent: None,
             requires: vec![],
             manifest_blake3: String::new(),
         }

@@ -145,6 +145,7 @@ fn setup(name: &str, initial: &str) -> (PathBuf, DumpRequest) {
         criu_timeout: Duration::from_secs(60),
         failure_log_dir: Some(dir.clone()),
         gpu: None,
+        parent: None,
     };
     (dir, req)
 }

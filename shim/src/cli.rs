@@ -93,6 +93,9 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Verify a checkpoint image without restoring it (cryo only).
     Verify(VerifyArgs),
+    /// Look into a checkpoint store (cryo only).
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// cryo's guardian process (started by checkpoint and restore; not for users).
     #[command(name = "__guardian", hide = true)]
     Guardian,
@@ -401,6 +404,27 @@ pub struct CheckpointArgs {
     /// Longest CRIU may work, in seconds; past it CRIU is stopped (cryo only).
     #[arg(long = "criu-timeout", value_name = "SECONDS", default_value_t = 600)]
     pub criu_timeout: u64,
+    /// Write a new generation into this checkpoint store instead of --image-path: named by
+    /// time, published whole, incremental over the newest good one (cryo only; see `cryo
+    /// store ls`).
+    #[arg(long = "store", value_name = "DIR", conflicts_with = "image_path")]
+    pub store: Option<PathBuf>,
+    /// With --store: keep the N newest good generations (and those they depend on), remove
+    /// older ones. Default: remove none.
+    #[arg(long = "keep", value_name = "N", requires = "store")]
+    pub keep: Option<usize>,
+    /// With --store: stay in the foreground and checkpoint (leaving it running) every
+    /// DURATION (`30s`, `5m`, `1h`) until the container stops or SIGTERM/SIGINT.
+    #[arg(long = "every", value_name = "DURATION", requires = "store")]
+    pub every: Option<String>,
+    /// With --store: every N-th generation of a chain is a full one (1: all of them).
+    #[arg(
+        long = "full-every",
+        value_name = "N",
+        default_value_t = 16,
+        requires = "store"
+    )]
+    pub full_every: u32,
     /// Container id.
     pub container_id: String,
 }
@@ -478,6 +502,10 @@ pub struct RestoreArgs {
     /// (cryo only).
     #[arg(long = "criu-timeout", value_name = "SECONDS", default_value_t = 600)]
     pub criu_timeout: u64,
+    /// Restore the newest generation of this checkpoint store that verifies, falling back
+    /// to older ones (cryo only).
+    #[arg(long = "store", value_name = "DIR", conflicts_with = "image_path")]
+    pub store: Option<PathBuf>,
     /// Container id.
     pub container_id: String,
 }
@@ -491,4 +519,25 @@ pub struct VerifyArgs {
     /// Print the result as JSON.
     #[arg(long = "format", default_value = "text")]
     pub format: String,
+}
+
+/// `store`
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// List a store's generations: time, kind, parent, size, freeze, verified or why not.
+    #[command(alias = "list")]
+    Ls(StoreLsArgs),
+}
+
+/// `store ls`
+#[derive(Debug, Args)]
+pub struct StoreLsArgs {
+    /// `table` or `json`.
+    #[arg(short, long, default_value = "table")]
+    pub format: String,
+    /// Check only that every file is there with its size, not its digest (fast).
+    #[arg(long)]
+    pub quick: bool,
+    /// The store directory.
+    pub dir: PathBuf,
 }

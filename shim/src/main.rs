@@ -78,6 +78,7 @@ fn main() {
         Command::Checkpoint(a) => commands::checkpoint::checkpoint(&ctx, &a),
         Command::Restore(a) => commands::restore::restore(&ctx, &a),
         Command::Verify(a) => commands::verify::verify(&a),
+        Command::Store(c) => commands::store::store(c),
         Command::Guardian => commands::guardian::run(&ctx),
     };
     match result {

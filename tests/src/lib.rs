@@ -7,6 +7,7 @@
 
 pub mod bundle;
 pub mod cgroups;
+pub mod churn;
 pub mod fanotify;
 pub mod faults;
 pub mod runtime;

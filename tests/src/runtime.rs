@@ -150,6 +150,11 @@ pub struct Lines {
 }
 
 impl Lines {
+    /// Lines of a child's stdout.
+    pub fn from_stdout(stdout: ChildStdout) -> Self {
+        Self::new(stdout)
+    }
+
     fn new(stdout: ChildStdout) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

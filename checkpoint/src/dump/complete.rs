@@ -89,6 +89,22 @@ impl<'r, 'a> Dumped<'r, 'a> {
             None => None,
         };
         let dir = p.staging.dir().to_path_buf();
+        // A store generation keeps only what changed since its parent, before anything is
+        // synced: the full page images are dropped from the page cache unwritten.
+        let t_increment = Instant::now();
+        let increment = match (&p.req.parent, p.kind) {
+            (Some(parent), CallKind::Dump) => {
+                match crate::store::delta::make_incremental(&dir, &parent.dir) {
+                    Ok(i) => Some(i),
+                    Err(e) => {
+                        let step = "keeping the pages that changed since the parent generation";
+                        return Err(fail(&mut p, &mut frozen, step, e.into()));
+                    }
+                }
+            }
+            _ => None,
+        };
+        timings.increment_ms = ms(t_increment.elapsed());
         // CRIU's images go to disk while the changeset is compressed: the final syncfs then
         // has little left to write.
         if let Err((step, cause)) = flush_and_compress(&mut p, &dir, &mut record, &mut timings) {
@@ -146,6 +162,22 @@ impl<'r, 'a> Dumped<'r, 'a> {
                 ))
             }
         };
+        let parent = match (&p.req.parent, &increment) {
+            (Some(parent), Some(inc)) => {
+                match crate::store::delta::share_and_link(&dir, &files, parent, inc) {
+                    Ok(record) => Some(record),
+                    Err(e) => {
+                        return Err(fail(
+                            &mut p,
+                            &mut frozen,
+                            "linking the parent generation",
+                            e.into(),
+                        ))
+                    }
+                }
+            }
+            _ => None,
+        };
         timings.digest_ms = ms(t_digest.elapsed());
         if let Err(e) = sync_dir(&dir) {
             return Err(fail(
@@ -188,6 +220,9 @@ impl<'r, 'a> Dumped<'r, 'a> {
             // plain files with a map in front.
             requires.push(manifest::REQ_PAX_SPARSE.to_string());
         }
+        if parent.is_some() {
+            requires.push(manifest::REQ_PARENT_CHAIN.to_string());
+        }
         timings.total_ms = ms(p.started.elapsed());
         timings.after_thaw_ms = t_thaw.map_or(0.0, |t| ms(t.elapsed()));
         let manifest = Manifest {
@@ -209,6 +244,7 @@ impl<'r, 'a> Dumped<'r, 'a> {
             timings,
             gpu,
             files,
+            parent,
             requires,
             manifest_blake3: String::new(),
         };

@@ -112,6 +112,9 @@ pub struct DumpRequest {
     /// How this NVIDIA GPU container's CUDA state is checkpointed (`None`: no GPU). CRIU must
     /// then run as [`crate::gpu::GpuPlan::swrk_client`] sets it up.
     pub gpu: Option<crate::gpu::GpuPlan>,
+    /// A store generation to make this image an increment of (`checkpoint --store`): after
+    /// the thaw only the pages that changed since it are kept ([`crate::store::delta`]).
+    pub parent: Option<crate::store::ParentImage>,
 }
 
 /// The seams a checkpoint goes through: CRIU, the freezer, the guardian, the container's lock
@@ -185,6 +188,9 @@ pub enum DumpError {
         /// CRIU's error (boxed: every step returns this enum).
         source: Box<CriuError>,
     },
+    /// Making the image an increment of a store generation.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// Not enough room for the image, found before the freeze.
     #[error(
         "not enough free space in {path}: the checkpoint needs about {} ({} of memory, {} of \
@@ -286,10 +292,35 @@ pub fn freeze_timeout_for(memory: u64) -> Duration {
 
 /// Run a checkpoint through `env`'s seams.
 pub fn checkpoint(req: &DumpRequest, env: &DumpEnv<'_>) -> Result<DumpReport, CheckpointError> {
+    if let Some(why) = req.parent.as_ref().and_then(|_| increment_refusal(req)) {
+        return Err(CheckpointError {
+            id: req.id.clone(),
+            step: "checking options",
+            cause: Box::new(DumpError::Store(crate::store::StoreError::Unsupported(why))),
+            left: LeftAs::Untouched,
+            log: None,
+        });
+    }
     let prepared = prepare::Prepared::new(req, env)?;
     let dumped = prepared.dump()?;
     let complete = dumped.complete()?;
     complete.publish()
+}
+
+/// Why an image with these options cannot be an increment of a parent generation.
+fn increment_refusal(req: &DumpRequest) -> Option<String> {
+    let flag = if req.compress_pages {
+        "--compress-pages (its page images are not CRIU's)"
+    } else if req.flags.pre_dump {
+        "--pre-dump"
+    } else if req.flags.common.lazy_pages {
+        "--lazy-pages (the image is read while CRIU still writes it)"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "a store generation cannot be made with {flag}: drop the flag, or use --image-path"
+    ))
 }
 
 fn ms(d: Duration) -> f64 {

@@ -2,9 +2,10 @@
 //! file digested into the manifest ([`digest`]), and verified whole before a restore
 //! ([`verify`]).
 
+pub mod chain;
 pub mod digest;
 pub mod publish;
 pub mod verify;
 
 pub use publish::{Existing, ImageTarget, PublishError, Staging};
-pub use verify::{verify_image, ImageError, VerifiedImage};
+pub use verify::{verify_image, verify_image_alone, ImageError, Thoroughness, VerifiedImage};

@@ -56,121 +56,156 @@ fn recover_gpu(
 
 /// `checkpoint`
 pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
-    let id = &a.container_id;
-    let snapshot: SnapshotMode = a.rootfs_snapshot.parse().map_err(anyhow::Error::msg)?;
     // Every file this verb makes holds the container's memory or files: private.
     // SAFETY: umask only swaps the process's file-mode mask; it cannot fail.
     unsafe { libc::umask(0o077) };
-    let lock = ctx.store.lock(id)?;
-    let container = load_for(ctx, id, Verb::Checkpoint)?;
-    let pid = container
-        .pid()
-        .context("the container has no init pid")?
-        .as_raw();
-    let record = ctx.store.load(id)?;
-    // The user's bundle (libcontainer's may be cryo's copy of the spec, see `run_bundle`).
-    let bundle = record
-        .as_ref()
-        .map(|r| r.bundle.clone())
-        .unwrap_or_else(|| container.bundle().clone());
-    let spec = cryo_oci::load_spec(&bundle)?;
-    // A GPU container this machine cannot checkpoint is refused here, before anything is
-    // touched, with every reason.
-    let gpu = gpu::preflight(&spec, &ctx.gpu)
-        .with_context(|| format!("cannot checkpoint container {id}"))?;
-    if gpu.is_some() && a.pre_dump {
-        bail!(
-            "cannot pre-dump container {id}: it uses an NVIDIA GPU, and CRIU's CUDA plugin \
-             does not take part in pre-dumps; take a full checkpoint"
-        );
+    if a.store.is_some() {
+        return super::store::checkpoint(ctx, a);
     }
-    let rootfs = match &record {
-        Some(r) => r.rootfs.clone(),
-        None => cryo_oci::rootfs_path(&bundle, &spec)?,
-    };
-    let spec = crate::mounts::as_criu_sees_them(&spec, &bundle, &rootfs);
-    let stdio = record
-        .map(|r| r.stdio)
-        .unwrap_or_else(|| cryo_checkpoint::descriptors::read_stdio(pid));
     let image_dir = image_dir(a.image_path.as_deref())?;
-    let cgroup = ContainerCgroup::for_pid(pid)?;
-    let freezer = freezer_for(&cgroup);
-    let req = DumpRequest {
-        id: id.clone(),
-        pid,
-        bundle,
-        spec,
-        rootfs,
-        stdio,
-        image_dir,
-        work_dir: a.work_path.clone(),
-        flags: DumpFlags {
-            common: CommonFlags {
-                tcp_established: a.tcp_established,
-                ext_unix_sk: a.ext_unix_sk,
-                shell_job: a.shell_job,
-                file_locks: a.file_locks,
-                manage_cgroups_mode: a.manage_cgroups_mode.clone(),
-                empty_ns: a.empty_ns.clone(),
-                auto_dedup: a.auto_dedup,
-                lazy_pages: a.lazy_pages,
-                network_lock: a.network_lock.clone(),
-            },
-            leave_running: a.leave_running,
-            tcp_skip_in_flight: a.tcp_skip_in_flight,
-            link_remap: a.link_remap,
-            pre_dump: a.pre_dump,
-            parent_path: a.parent_path.clone(),
-            page_server: a.page_server.clone(),
-            status_fd: a.status_fd,
-        },
-        snapshot,
-        compress_pages: a.compress_pages,
-        stage_pages: !a.no_page_staging,
-        freeze_timeout: a.freeze_timeout.map(Duration::from_secs),
-        criu_timeout: Duration::from_secs(a.criu_timeout),
-        failure_log_dir: Some(ctx.store.container_dir(id)),
-        gpu,
-    };
+    let job = Job::load(ctx, a, image_dir)?;
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
-    let mut swrk =
-        SwrkClient::new(&ctx.criu).with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
-    if let Some(plan) = &req.gpu {
-        swrk = plan.swrk_client(swrk);
-    }
-    let gpu_criu = gpu::GpuCriu::new(&swrk);
-    let criu: &dyn CriuClient = if req.gpu.is_some() { &gpu_criu } else { &swrk };
-    let launcher = super::guardian::Launcher::new(ctx);
-    let env = DumpEnv {
-        criu,
-        freezer: freezer.as_ref(),
-        guardian: &launcher,
-        lock: Some(lock.as_fd()),
-        interrupted: &|| interrupts.interrupted(),
-    };
-    let report = match (dump::checkpoint(&req, &env), &req.gpu) {
-        (Ok(r), _) => r,
-        (Err(e), Some(plan)) => return Err(recover_gpu(plan, freezer.as_ref(), e)),
-        (Err(e), None) => return Err(e.into()),
-    };
+    let report = job.run(ctx, &|| interrupts.interrupted())?;
     drop(interrupts);
-    for w in &report.warnings {
-        logging::log("warning", w);
-    }
-    if let Some(m) = &report.manifest {
-        logging::log(
-            "debug",
-            &format!(
-                "checkpointed {id} into {}: frozen {:.1} ms (freeze {:.2} ms, rootfs {:.1} ms, dump {:.1} ms), digests {:.1} ms, total {:.1} ms",
-                report.image_dir.display(), m.timings.frozen_ms, m.timings.freeze_ms, m.timings.rootfs_capture_ms, m.timings.dump_ms, m.timings.digest_ms, m.timings.total_ms
-            ),
-        );
-    }
     if report.stopped {
         // runc semantics: a checkpoint without --leave-running ends the container.
         // Loaded afresh: CRIU has just ended the processes the record above still shows.
+        let id = &a.container_id;
         delete_settling(ctx, id, Verb::ForceDelete, true)
             .with_context(|| format!("checkpoint done, but removing container {id} failed"))?;
     }
     Ok(0)
+}
+
+/// A container loaded for one checkpoint, its lock held until this is dropped. The request
+/// is complete but for where the image goes (`req.image_dir`, `req.parent`).
+pub struct Job {
+    /// What the engine gets.
+    pub req: DumpRequest,
+    freezer: Box<dyn Freezer>,
+    lock: cryo_oci::StoreLock,
+}
+
+impl Job {
+    /// Lock and load container `a.container_id` and gather what its checkpoint needs.
+    pub fn load(ctx: &Context, a: &CheckpointArgs, image_dir: PathBuf) -> anyhow::Result<Self> {
+        let id = &a.container_id;
+        let snapshot: SnapshotMode = a.rootfs_snapshot.parse().map_err(anyhow::Error::msg)?;
+        let lock = ctx.store.lock(id)?;
+        let container = load_for(ctx, id, Verb::Checkpoint)?;
+        let pid = container
+            .pid()
+            .context("the container has no init pid")?
+            .as_raw();
+        let record = ctx.store.load(id)?;
+        // The user's bundle (libcontainer's may be cryo's copy of the spec, see `run_bundle`).
+        let bundle = record
+            .as_ref()
+            .map(|r| r.bundle.clone())
+            .unwrap_or_else(|| container.bundle().clone());
+        let spec = cryo_oci::load_spec(&bundle)?;
+        // A GPU container this machine cannot checkpoint is refused here, before anything is
+        // touched, with every reason.
+        let gpu = gpu::preflight(&spec, &ctx.gpu)
+            .with_context(|| format!("cannot checkpoint container {id}"))?;
+        if gpu.is_some() && a.pre_dump {
+            bail!(
+                "cannot pre-dump container {id}: it uses an NVIDIA GPU, and CRIU's CUDA plugin \
+                 does not take part in pre-dumps; take a full checkpoint"
+            );
+        }
+        let rootfs = match &record {
+            Some(r) => r.rootfs.clone(),
+            None => cryo_oci::rootfs_path(&bundle, &spec)?,
+        };
+        let spec = crate::mounts::as_criu_sees_them(&spec, &bundle, &rootfs);
+        let stdio = record
+            .map(|r| r.stdio)
+            .unwrap_or_else(|| cryo_checkpoint::descriptors::read_stdio(pid));
+        let cgroup = ContainerCgroup::for_pid(pid)?;
+        let freezer = freezer_for(&cgroup);
+        let req = DumpRequest {
+            id: id.clone(),
+            pid,
+            bundle,
+            spec,
+            rootfs,
+            stdio,
+            image_dir,
+            work_dir: a.work_path.clone(),
+            flags: DumpFlags {
+                common: CommonFlags {
+                    tcp_established: a.tcp_established,
+                    ext_unix_sk: a.ext_unix_sk,
+                    shell_job: a.shell_job,
+                    file_locks: a.file_locks,
+                    manage_cgroups_mode: a.manage_cgroups_mode.clone(),
+                    empty_ns: a.empty_ns.clone(),
+                    auto_dedup: a.auto_dedup,
+                    lazy_pages: a.lazy_pages,
+                    network_lock: a.network_lock.clone(),
+                },
+                leave_running: a.leave_running,
+                tcp_skip_in_flight: a.tcp_skip_in_flight,
+                link_remap: a.link_remap,
+                pre_dump: a.pre_dump,
+                parent_path: a.parent_path.clone(),
+                page_server: a.page_server.clone(),
+                status_fd: a.status_fd,
+            },
+            snapshot,
+            compress_pages: a.compress_pages,
+            stage_pages: !a.no_page_staging,
+            freeze_timeout: a.freeze_timeout.map(Duration::from_secs),
+            criu_timeout: Duration::from_secs(a.criu_timeout),
+            failure_log_dir: Some(ctx.store.container_dir(id)),
+            gpu,
+            parent: None,
+        };
+        Ok(Self { req, freezer, lock })
+    }
+
+    /// Run the checkpoint; `interrupted` says whether SIGINT/SIGTERM/SIGHUP arrived.
+    pub fn run(
+        &self,
+        ctx: &Context,
+        interrupted: &dyn Fn() -> bool,
+    ) -> anyhow::Result<dump::DumpReport> {
+        let req = &self.req;
+        let id = &req.id;
+        let criu_timeout = req.criu_timeout.as_secs();
+        let mut swrk = SwrkClient::new(&ctx.criu)
+            .with_probe_timeout(Duration::from_secs(criu_timeout.min(30)));
+        if let Some(plan) = &req.gpu {
+            swrk = plan.swrk_client(swrk);
+        }
+        let gpu_criu = gpu::GpuCriu::new(&swrk);
+        let criu: &dyn CriuClient = if req.gpu.is_some() { &gpu_criu } else { &swrk };
+        let launcher = super::guardian::Launcher::new(ctx);
+        let env = DumpEnv {
+            criu,
+            freezer: self.freezer.as_ref(),
+            guardian: &launcher,
+            lock: Some(self.lock.as_fd()),
+            interrupted,
+        };
+        let report = match (dump::checkpoint(req, &env), &req.gpu) {
+            (Ok(r), _) => r,
+            (Err(e), Some(plan)) => return Err(recover_gpu(plan, self.freezer.as_ref(), e)),
+            (Err(e), None) => return Err(e.into()),
+        };
+        for w in &report.warnings {
+            logging::log("warning", w);
+        }
+        if let Some(m) = &report.manifest {
+            logging::log(
+                "debug",
+                &format!(
+                    "checkpointed {id} into {}: frozen {:.1} ms (freeze {:.2} ms, rootfs {:.1} ms, dump {:.1} ms), digests {:.1} ms, total {:.1} ms",
+                    report.image_dir.display(), m.timings.frozen_ms, m.timings.freeze_ms, m.timings.rootfs_capture_ms, m.timings.dump_ms, m.timings.digest_ms, m.timings.total_ms
+                ),
+            );
+        }
+        Ok(report)
+    }
 }

@@ -10,6 +10,7 @@ pub mod lifecycle;
 mod loopback;
 pub mod restore;
 pub mod spec;
+pub mod store;
 pub mod verify;
 
 use anyhow::{bail, Context as _};

@@ -31,11 +31,36 @@ use crate::run_bundle::RunBundle;
 
 /// `restore`
 pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
+    super::check_pid_file(a.pid_file.as_deref())?;
+    if a.store.is_some() {
+        return super::store::restore(ctx, a);
+    }
+    let image_dir = image_dir(a.image_path.as_deref())?;
+    let lock = ctx.store.lock(&a.container_id)?;
+    let pid = restore_image(ctx, a, image_dir, &lock)?;
+    wait(ctx, a, pid, lock)
+}
+
+/// Why the image was refused, when that is why a restore failed (before anything was
+/// touched).
+pub fn image_refused(e: &anyhow::Error) -> Option<String> {
+    match e.downcast_ref::<restore::RestoreError>()?.cause.as_ref() {
+        restore::RestoreCause::Image(why) => Some(why.to_string()),
+        _ => None,
+    }
+}
+
+/// Restore `a.container_id` from the image in `image_dir` and record it; `lock` is the
+/// container's, held by the caller. Returns the restored init's pid.
+pub fn restore_image(
+    ctx: &Context,
+    a: &RestoreArgs,
+    image_dir: PathBuf,
+    lock: &cryo_oci::StoreLock,
+) -> anyhow::Result<i32> {
     let id = &a.container_id;
     let bundle = Bundle::load(&a.bundle)?;
     let rootfs = bundle.rootfs()?;
-    super::check_pid_file(a.pid_file.as_deref())?;
-    let lock = ctx.store.lock(id)?;
     if ctx.store.exists(id) {
         bail!("container with id {id} already exists: restore under another id or delete it first");
     }
@@ -50,7 +75,6 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
             bundle.dir.join("config.json").display()
         );
     }
-    let image_dir = image_dir(a.image_path.as_deref())?;
     // An image with CUDA state, or a GPU bundle, that this machine cannot restore is refused
     // here, before anything is created, with every reason.
     let image_gpu = Manifest::read(&image_dir)
@@ -209,11 +233,23 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
             report.pid, report.restore_ms, report.verify_ms, report.rootfs_note
         ),
     );
+    Ok(report.pid)
+}
+
+/// Without `--detach`, wait for the restored container `pid` and exit with its status.
+pub fn wait(
+    ctx: &Context,
+    a: &RestoreArgs,
+    pid: i32,
+    lock: cryo_oci::StoreLock,
+) -> anyhow::Result<i32> {
     if a.detach {
         return Ok(0);
     }
+    let id = &a.container_id;
+    let container_dir = ctx.store.container_dir(id);
     drop(lock);
-    let code = wait_forwarding(Pid::from_raw(report.pid));
+    let code = wait_forwarding(Pid::from_raw(pid));
     let _lock = ctx.store.lock(id)?;
     if let Ok(mut c) = Container::load(container_dir) {
         let _ = super::delete_container(&mut c, true);

@@ -26,6 +26,7 @@ pub fn verify(a: &VerifyArgs) -> anyhow::Result<i32> {
             "bytes": v.bytes_checked,
             "verify_ms": v.verify_ms,
             "rootfs_snapshot": m.and_then(|m| m.rootfs.snapshot.clone()),
+            "parents": v.ancestors,
             "warnings": v.warnings,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -50,6 +51,23 @@ pub fn verify(a: &VerifyArgs) -> anyhow::Result<i32> {
             "{}: a plain CRIU image without cryo manifest: nothing to verify",
             v.dir.display()
         ),
+    }
+    if !v.ancestors.is_empty() {
+        // A store generation: the files counted above include the generations it needs.
+        let names: Vec<String> = v
+            .ancestors
+            .iter()
+            .map(|a| {
+                a.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        println!(
+            "incremental: verified with the generations it depends on, {}",
+            names.join(" <- ")
+        );
     }
     Ok(0)
 }

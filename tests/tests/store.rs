@@ -1,0 +1,585 @@
+//! Checkpoint stores, for real (root, CRIU, overlay): generations written incrementally,
+//! restored exactly as they were (memory and files, checked by the workload itself), a
+//! damaged newest generation passed over with a note, periodic mode ending cleanly, and
+//! `checkpoint --every` killed at random instants never leaving a store whose newest complete
+//! generation does not restore.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cryo_tests::churn::{shared_bundle, Churn, State};
+use cryo_tests::faults::{processes_mentioning, signal};
+use cryo_tests::{unique, Runtime};
+use nix::sys::signal::Signal;
+
+/// A small random source; the seed is printed, and `CRYO_TEST_SEED` replays a run.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Self {
+        let seed = std::env::var("CRYO_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("random seed: CRYO_TEST_SEED={seed}");
+        Self(seed | 1)
+    }
+
+    /// A duration in `[0, max)`.
+    fn below(&mut self, max: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        Duration::from_micros(self.0 % max.as_micros().max(1) as u64)
+    }
+}
+
+/// A store directory, removed at the end.
+struct StoreDir(PathBuf);
+
+impl StoreDir {
+    fn new() -> Self {
+        Self(std::env::temp_dir().join(unique("cryo-store")))
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for StoreDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `store ls --format json`.
+fn ls(rt: &Runtime, store: &StoreDir) -> Vec<serde_json::Value> {
+    serde_json::from_str(&rt.ok(&["store", "ls", "--format", "json", store.path()])).unwrap()
+}
+
+/// The newest generation's name.
+fn newest(rt: &Runtime, store: &StoreDir) -> String {
+    ls(rt, store).last().unwrap()["generation"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The generation a successful `checkpoint --store` wrote (its summary line starts with it).
+fn written(stdout: &str) -> String {
+    stdout.split(':').next().unwrap().trim().to_string()
+}
+
+/// Kill the container (if it still runs), wait until it is stopped, delete it.
+fn finish_off(c: Churn) {
+    if c.rt.state(&c.id)["status"] == "running" {
+        c.kill();
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    while c.rt.state(&c.id)["status"] != "stopped" && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.rt.ok(&["delete", "--force", &c.id]);
+}
+
+/// A 1 GiB workload rewriting 5 % between checkpoints into a store with `--keep 3`, killed at
+/// a random moment in some rounds (during or after the checkpoint): the restore brings back
+/// the newest generation exactly (the round and checksum its memory and files held when it
+/// was frozen), and the chain carries on from the restored container. A damaged newest
+/// generation is passed over, said so, and the one before it restored exactly.
+#[test]
+fn generations_restore_exactly_the_newest_and_fall_back_past_a_damaged_one() {
+    const MIB: u32 = 1024;
+    let rt = Runtime::cryo();
+    let store = StoreDir::new();
+    let mut rng = Rng::new();
+    let base = unique("gen");
+    let id = |n: usize| format!("{base}-{n}");
+    let _guards: Vec<_> = (0..5).map(|n| rt.guard(&id(n))).collect();
+    let mut c = Churn::start(&rt, &id(0), MIB);
+    // Which state each generation froze: the workload is idle while a checkpoint runs.
+    let mut held: HashMap<String, State> = HashMap::new();
+    let mut restores = 0;
+    for k in 1..=7 {
+        let state = c.round();
+        let cp = rt
+            .cmd()
+            .args([
+                "checkpoint",
+                "--store",
+                store.path(),
+                "--keep",
+                "3",
+                "--leave-running",
+                &c.id,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let kill_at = [3, 5, 6]
+            .contains(&k)
+            .then(|| rng.below(Duration::from_secs(4)));
+        if let Some(at) = kill_at {
+            kill_at_instant(at, &c);
+        }
+        let out = cp.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            held.insert(written(&stdout), state.clone());
+        } else {
+            assert!(
+                kill_at.is_some(),
+                "checkpoint {k} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let Some(at) = kill_at else { continue };
+        // The workload was killed (at `at`): restore the newest generation into a new id.
+        let gen = newest(&rt, &store);
+        let expected = held
+            .get(&gen)
+            .unwrap_or_else(|| {
+                panic!("the newest generation {gen} was not written by a checkpoint that succeeded")
+            })
+            .clone();
+        finish_off(c);
+        restores += 1;
+        let (restored, stderr) = Churn::restore_from_store(&rt, &store.0, &id(restores), MIB);
+        assert!(
+            !stderr.contains("falling back"),
+            "killed at {at:?}: {stderr}"
+        );
+        restored.assert_holds(&expected);
+        c = restored;
+    }
+    assert_eq!(restores, 3);
+    // The chain carried on across the restores; --keep 3 kept 3 and what they depend on.
+    let gens = ls(&rt, &store);
+    assert!(gens.iter().all(|g| g["verified"] == true), "{gens:#?}");
+    let incremental = gens.iter().filter(|g| g["kind"] == "incremental").count();
+    assert!(incremental >= 1, "no incremental generation: {gens:#?}");
+    for g in gens.iter().filter(|g| g["kind"] == "incremental") {
+        // 5 % of 1 GiB in 64 KiB chunks, plus the process's other pages.
+        let changed = g["pages_written"].as_u64().unwrap();
+        assert!(
+            changed < 100 << 20,
+            "an increment wrote {changed} bytes of pages: {g:#}"
+        );
+    }
+
+    // Damage the newest generation: the restore says so and restores the one before it.
+    let names: Vec<String> = gens
+        .iter()
+        .map(|g| g["generation"].as_str().unwrap().to_string())
+        .collect();
+    let (damaged, before) = (&names[names.len() - 1], &names[names.len() - 2]);
+    flip_a_byte_of_the_largest_file(&store.0.join(damaged));
+    let (older, stderr) = Churn::restore_from_store(&rt, &store.0, &id(4), MIB);
+    assert!(
+        stderr.contains(&format!(
+            "generation {damaged} cannot be restored, falling back"
+        )) && stderr.contains(&format!("restored generation {before}")),
+        "{stderr}"
+    );
+    older.assert_holds(&held[before]);
+    // The next generation is not built on the damaged one.
+    c.round();
+    let stdout = rt.ok(&[
+        "checkpoint",
+        "--store",
+        store.path(),
+        "--keep",
+        "3",
+        "--leave-running",
+        &c.id,
+    ]);
+    assert!(!stdout.contains(&format!("over {damaged}")), "{stdout}");
+    let listed = ls(&rt, &store);
+    let bad: Vec<_> = listed.iter().filter(|g| g["verified"] == false).collect();
+    assert_eq!(bad.len(), 1, "{listed:#?}");
+    assert_eq!(bad[0]["generation"], damaged.as_str());
+    assert!(
+        bad[0]["problem"].as_str().unwrap().contains("BLAKE3"),
+        "{bad:#?}"
+    );
+    finish_off(older);
+    finish_off(c);
+}
+
+/// SIGKILL the workload once `at` has passed (the checkpoint runs meanwhile).
+fn kill_at_instant(at: Duration, c: &Churn) {
+    let pid = c.pid();
+    let t = Instant::now();
+    while t.elapsed() < at {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    signal(pid, Signal::SIGKILL);
+}
+
+fn flip_a_byte_of_the_largest_file(dir: &Path) {
+    use std::os::unix::fs::FileExt;
+    let largest = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().unwrap().is_file())
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&largest)
+        .unwrap();
+    let at = f.metadata().unwrap().len() / 2;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+}
+
+/// `checkpoint --every` SIGKILLed at random instants (before, inside and after freezes,
+/// during pruning): the container keeps running, and the newest generation that looks
+/// complete always verifies and restores (memory and files consistent, as the workload
+/// checks), with no fallback.
+#[test]
+fn killing_periodic_checkpoints_never_leaves_a_broken_newest_generation() {
+    const MIB: u32 = 256;
+    let rt = Runtime::cryo();
+    let store = StoreDir::new();
+    let mut rng = Rng::new();
+    let id = unique("every");
+    let _g = rt.guard(&id);
+    let c = Churn::start(&rt, &id, MIB);
+    let root = rt.root.to_string_lossy().into_owned();
+    for i in 0..8 {
+        c.round();
+        let mut cp = rt
+            .cmd()
+            .args([
+                "checkpoint",
+                "--store",
+                store.path(),
+                "--every",
+                "1s",
+                "--keep",
+                "3",
+                "--full-every",
+                "4",
+                &id,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let at = Duration::from_millis(300) + rng.below(Duration::from_millis(3500));
+        std::thread::sleep(at);
+        signal(cp.id() as i32, Signal::SIGKILL);
+        cp.wait().unwrap();
+        // Its guardian undoes what it left, then goes.
+        let end = Instant::now() + Duration::from_secs(20);
+        while processes_mentioning(&root)
+            .iter()
+            .any(|p| p.contains("__guardian") || p.contains(" swrk "))
+        {
+            assert!(
+                Instant::now() < end,
+                "the guardian never finished after a kill at {at:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            c.beating(Duration::from_secs(10)),
+            "frozen after a kill at {at:?}"
+        );
+        assert_eq!(rt.state(&id)["status"], "running");
+        let gens = ls(&rt, &store);
+        let complete: Vec<_> = gens
+            .iter()
+            .filter(|g| {
+                store
+                    .0
+                    .join(g["generation"].as_str().unwrap())
+                    .join("cryo-manifest.json")
+                    .exists()
+            })
+            .collect();
+        let Some(last) = complete.last() else {
+            continue;
+        };
+        assert_eq!(
+            last["verified"], true,
+            "killed at {at:?}, the newest complete generation: {last:#}"
+        );
+        if i % 3 == 2 {
+            let rid = format!("{id}-r{i}");
+            let _rg = rt.guard(&rid);
+            let (r, stderr) = Churn::restore_from_store(&rt, &store.0, &rid, MIB);
+            assert!(
+                !stderr.contains("falling back"),
+                "killed at {at:?}: {stderr}"
+            );
+            let v = r.self_check();
+            assert!(
+                v.starts_with("ok "),
+                "killed at {at:?}, the restored workload says: {v}"
+            );
+            assert!(r.state().round() <= c.state().round());
+            finish_off(r);
+        }
+    }
+    // A run that is let finish removes what the killed ones left.
+    rt.ok(&[
+        "checkpoint",
+        "--store",
+        store.path(),
+        "--keep",
+        "3",
+        "--leave-running",
+        &id,
+    ]);
+    let debris: Vec<String> = std::fs::read_dir(&store.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && n != ".cryo-store.lock")
+        .collect();
+    assert!(debris.is_empty(), "{debris:?}");
+    assert!(ls(&rt, &store).iter().all(|g| g["verified"] == true));
+    finish_off(c);
+}
+
+/// Periodic mode prints one line per generation and ends cleanly on SIGTERM (the container
+/// runs on) and by itself when the container stops.
+#[test]
+fn periodic_mode_ends_on_sigterm_and_when_the_container_stops() {
+    const MIB: u32 = 64;
+    let rt = Runtime::cryo();
+    let store = StoreDir::new();
+    let id = unique("periodic");
+    let _g = rt.guard(&id);
+    let c = Churn::start(&rt, &id, MIB);
+    let every = |rt: &Runtime| {
+        let mut child = rt
+            .cmd()
+            .args([
+                "checkpoint",
+                "--store",
+                store.path(),
+                "--every",
+                "500ms",
+                "--keep",
+                "2",
+                &id,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        (child, rx)
+    };
+    let (mut child, lines) = every(&rt);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        c.round();
+        let l = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("no summary line");
+        // gen-…: incremental over …; frozen N ms, wrote X MiB, took T s, at TIME
+        assert!(
+            l.starts_with("gen-")
+                && l.contains("frozen ")
+                && l.contains(" ms, wrote ")
+                && l.contains(", took "),
+            "{l}"
+        );
+        seen.push(l);
+    }
+    assert!(seen[1].contains("incremental over"), "{seen:#?}");
+    signal(child.id() as i32, Signal::SIGTERM);
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{st}");
+    let rest: Vec<String> = lines.iter().collect();
+    assert!(
+        rest.last()
+            .is_some_and(|l| l.starts_with("stopped by a signal")),
+        "{rest:#?}"
+    );
+    assert!(c.beating(Duration::from_secs(5)));
+    assert_eq!(rt.state(&id)["status"], "running");
+
+    // Now the container stops under it: periodic mode ends by itself.
+    let (mut child, lines) = every(&rt);
+    lines
+        .recv_timeout(Duration::from_secs(60))
+        .expect("no summary line");
+    c.kill();
+    let end = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < end,
+            "periodic mode did not end when its container stopped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(st.success(), "{st}");
+    let rest: Vec<String> = lines.iter().collect();
+    assert!(
+        rest.last()
+            .is_some_and(|l| l.contains("periodic checkpoints end")),
+        "{rest:#?}"
+    );
+    rt.ok(&["delete", "--force", &id]);
+}
+
+/// What a store refuses, and how it says so: before anything is touched.
+#[test]
+fn store_refusals_name_the_problem() {
+    let rt = Runtime::cryo();
+    let store = StoreDir::new();
+    let id = unique("refuse");
+    let _g = rt.guard(&id);
+    let c = Churn::start(&rt, &id, 16);
+    for (flags, says) in [
+        (
+            &["--compress-pages"][..],
+            "cannot be combined with --compress-pages",
+        ),
+        (&["--keep", "0"][..], "--keep 0"),
+        (&["--every", "soon"][..], "invalid --every"),
+        (&["--full-every", "0"][..], "--full-every 0"),
+    ] {
+        let mut args = vec!["checkpoint", "--store", store.path(), "--leave-running"];
+        args.extend_from_slice(flags);
+        args.push(&id);
+        let e = rt.fails(&args);
+        assert!(e.contains(says), "{flags:?}: {e}");
+    }
+    assert!(!store.0.exists() || std::fs::read_dir(&store.0).unwrap().count() <= 1);
+    let e = rt.fails(&[
+        "restore",
+        "--store",
+        store.path(),
+        "--bundle",
+        c.bundle.dir.to_str().unwrap(),
+        &unique("r"),
+    ]);
+    assert!(
+        e.contains("not a checkpoint store") || e.contains("holds no generation"),
+        "{e}"
+    );
+    std::fs::create_dir_all(&store.0).unwrap();
+    std::fs::write(store.0.join("notes.txt"), "mine").unwrap();
+    let e = rt.fails(&[
+        "checkpoint",
+        "--store",
+        store.path(),
+        "--leave-running",
+        &id,
+    ]);
+    assert!(
+        e.contains("notes.txt") && e.contains("directory of its own"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(store.0.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    std::fs::remove_file(store.0.join("notes.txt")).unwrap();
+    // Every generation damaged: refused, naming each.
+    rt.ok(&[
+        "checkpoint",
+        "--store",
+        store.path(),
+        "--leave-running",
+        &id,
+    ]);
+    let gen = newest(&rt, &store);
+    std::fs::remove_file(store.0.join(&gen).join("inventory.img")).unwrap();
+    let e = rt.fails(&[
+        "restore",
+        "--store",
+        store.path(),
+        "--bundle",
+        c.bundle.dir.to_str().unwrap(),
+        &unique("r"),
+    ]);
+    assert!(
+        e.contains("no generation of checkpoint store")
+            && e.contains(&gen)
+            && e.contains("inventory.img"),
+        "{e}"
+    );
+    let e = rt.fails(&["store", "ls", "/nonexistent/store"]);
+    assert!(e.contains("not a checkpoint store"), "{e}");
+    assert!(c.beating(Duration::from_secs(5)));
+    finish_off(c);
+}
+
+/// Shared memory (a shared anonymous mapping, dumped as `pagemap-shmem-*`) goes through the
+/// same increments and comes back exactly.
+#[test]
+fn shared_memory_generations_restore_exactly() {
+    const MIB: u32 = 128;
+    let rt = Runtime::cryo();
+    let store = StoreDir::new();
+    let (id, rid) = (unique("shm"), unique("shm-r"));
+    let (_g, _rg) = (rt.guard(&id), rt.guard(&rid));
+    let c = Churn::start_in(&rt, &id, shared_bundle(MIB));
+    let mut state = c.state();
+    for _ in 0..3 {
+        state = c.round();
+        rt.ok(&[
+            "checkpoint",
+            "--store",
+            store.path(),
+            "--leave-running",
+            &id,
+        ]);
+    }
+    let gens = ls(&rt, &store);
+    let last = gens.last().unwrap();
+    assert_eq!(last["kind"], "incremental", "{gens:#?}");
+    // 5 % of the segment changed; the rest is left to the parents.
+    assert!(
+        last["pages_in_parent"].as_u64().unwrap() > (MIB as u64 * 8 / 10) << 20,
+        "{last:#}"
+    );
+    let gen_dir = store.0.join(last["generation"].as_str().unwrap());
+    assert!(
+        std::fs::read_dir(&gen_dir).unwrap().flatten().any(|e| e
+            .file_name()
+            .to_string_lossy()
+            .starts_with("pagemap-shmem-")),
+        "the workload's memory was not dumped as shared memory"
+    );
+    let (r, stderr) = Churn::restore_into(&rt, &store.0, &rid, shared_bundle(MIB));
+    assert!(!stderr.contains("falling back"), "{stderr}");
+    r.assert_holds(&state);
+    finish_off(r);
+    finish_off(c);
+}
