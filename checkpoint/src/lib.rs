@@ -8,6 +8,7 @@ pub mod flags;
 pub mod guardian;
 pub mod image;
 pub mod gpu;
+pub mod group;
 pub mod manifest;
 pub mod page_receiver;
 pub mod pages;
