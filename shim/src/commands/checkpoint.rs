@@ -50,14 +50,15 @@ fn recover_gpu(plan: &gpu::GpuPlan, freezer: &dyn Freezer, e: dump::CheckpointEr
     e.context(format!("GPU state after the failure: {}", notes.join("; ")))
 }
 
-/// `checkpoint`
-pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
-    let id = &a.container_id;
+/// The checkpoint request for container `id` (whose lock the caller holds), into `image_dir`,
+/// and the container's cgroup.
+pub(super) fn request_for(
+    ctx: &Context,
+    a: &CheckpointArgs,
+    id: &str,
+    image_dir: PathBuf,
+) -> anyhow::Result<(DumpRequest, ContainerCgroup)> {
     let snapshot: SnapshotMode = a.rootfs_snapshot.parse().map_err(anyhow::Error::msg)?;
-    // Every file this verb makes holds the container's memory or files: private.
-    // SAFETY: umask only swaps the process's file-mode mask; it cannot fail.
-    unsafe { libc::umask(0o077) };
-    let lock = ctx.store.lock(id)?;
     let container = load_for(ctx, id, Verb::Checkpoint)?;
     let pid = container
         .pid()
@@ -83,11 +84,9 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     let stdio = record
         .map(|r| r.stdio)
         .unwrap_or_else(|| cryo_checkpoint::descriptors::read_stdio(pid));
-    let image_dir = image_dir(a.image_path.as_deref())?;
     let cgroup = ContainerCgroup::for_pid(pid)?;
-    let freezer = freezer_for(&cgroup);
     let req = DumpRequest {
-        id: id.clone(),
+        id: id.to_string(),
         pid,
         bundle,
         spec,
@@ -123,6 +122,24 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         failure_log_dir: Some(ctx.store.container_dir(id)),
         gpu,
     };
+    Ok((req, cgroup))
+}
+
+/// `checkpoint`
+pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
+    if a.group.is_some() || !a.more_ids.is_empty() {
+        return super::group::checkpoint(ctx, a);
+    }
+    let id = a
+        .container_id
+        .as_ref()
+        .context("checkpoint needs a container id")?;
+    // Every file this verb makes holds the container's memory or files: private.
+    // SAFETY: umask only swaps the process's file-mode mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+    let lock = ctx.store.lock(id)?;
+    let (req, cgroup) = request_for(ctx, a, id, image_dir(a.image_path.as_deref())?)?;
+    let freezer = freezer_for(&cgroup);
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
     let mut swrk = SwrkClient::new(&ctx.criu)
         .with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use cryo_checkpoint::criu::{swrk::SwrkClient, CriuClient};
+use cryo_checkpoint::flags::CommonFlags;
 use cryo_checkpoint::gpu;
 use cryo_checkpoint::manifest::Manifest;
-use cryo_checkpoint::flags::CommonFlags;
 use cryo_checkpoint::restore::journal::CgroupUndo;
-use cryo_checkpoint::restore::{self, RestoreEnv, RestoreFlags, RestoreHost, RestoreRequest};
+use cryo_checkpoint::restore::{
+    self, RestoreEnv, RestoreFlags, RestoreHost, RestoreReport, RestoreRequest,
+};
 use cryo_checkpoint::signals::InterruptGuard;
 use cryo_oci::{Bundle, ContainerRecord};
 use libcgroups::common::{
@@ -29,37 +31,136 @@ use crate::context::Context;
 
 /// `restore`
 pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
-    let id = &a.container_id;
+    let image_dir = image_dir(a.image_path.as_deref())?;
+    if cryo_checkpoint::group::is_group_image(&image_dir) {
+        return super::group::restore(ctx, a, &image_dir);
+    }
+    let id = a
+        .container_id
+        .as_ref()
+        .context("restore needs a container id")?;
     let bundle = Bundle::load(&a.bundle)?;
-    let rootfs = bundle.rootfs()?;
     let lock = ctx.store.lock(id)?;
+    let work_dir = a.work_path.clone().unwrap_or_else(|| image_dir.clone());
+    let m = prepare(ctx, a, id, bundle, &image_dir, work_dir)?;
+    // An image with CUDA state, or a GPU bundle, that this machine cannot restore is refused
+    // here, before anything is created, with every reason.
+    let image_gpu = Manifest::read(&image_dir)
+        .ok()
+        .flatten()
+        .and_then(|m| m.gpu);
+    let gpu = gpu::restore_preflight(&m.bundle.spec, image_gpu.as_ref(), &image_dir, &ctx.gpu)
+        .with_context(|| format!("cannot restore container {id}"))?;
+    if !a.detach && !a.no_subreaper {
+        // Orphans of the restored tree must come back to us so we can reap them.
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+    }
+    let mut host = m.host();
+    let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
+    let mut swrk = SwrkClient::new(&ctx.criu)
+        .with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
+    if let Some(plan) = &gpu {
+        swrk = plan.swrk_client(swrk);
+    }
+    let gpu_criu = gpu::GpuCriu::new(&swrk);
+    let criu: &dyn CriuClient = if gpu.is_some() { &gpu_criu } else { &swrk };
+    let launcher = super::guardian::Launcher::new(ctx);
+    let env = RestoreEnv {
+        criu,
+        guardian: &launcher,
+        lock: Some(lock.as_fd()),
+        interrupted: &|| interrupts.interrupted(),
+    };
+    let pending = match restore::restore(&m.req, &env, &mut host) {
+        Ok(p) => p,
+        Err(e) => {
+            // Everything the restore made is undone; the directory it started from goes too.
+            m.remove_state_dir();
+            return Err(e.into());
+        }
+    };
+    // The state first, then the commit: a restore is committed only once the container is
+    // on record (dropping `pending` on an error here undoes it, the process included).
+    if let Err(e) = m.record(ctx, &pending.report) {
+        drop(pending);
+        m.remove_state_dir();
+        return Err(e.context(format!(
+            "restored {id}, but recording its state failed; the restore was undone"
+        )));
+    }
+    let report = pending.commit();
+    drop(interrupts);
+    if let Some(plugin) = gpu_criu.last_plugin_log() {
+        crate::logging::log(
+            "debug",
+            &format!(
+                "CRIU's CUDA plugin resumed {} process(es): {:.1} ms",
+                plugin.cuda_pids.len(),
+                plugin.timings.map_or(0.0, |t| t.resume_ms)
+            ),
+        );
+    }
+    for w in &report.warnings {
+        crate::logging::log("warning", w);
+    }
+    crate::logging::log(
+        "debug",
+        &format!(
+            "restored {id} as pid {} in {:.1} ms (image verified in {:.1} ms; {})",
+            report.pid, report.restore_ms, report.verify_ms, report.rootfs_note
+        ),
+    );
+    if a.detach {
+        return Ok(0);
+    }
+    drop(lock);
+    let code = wait_forwarding(Pid::from_raw(report.pid));
+    let _lock = ctx.store.lock(id)?;
+    if let Ok(mut c) = Container::load(m.container_dir.clone()) {
+        let _ = c.delete(true);
+    }
+    Ok(code)
+}
+
+/// A restore of container `id` ready to run: the checks done, the request made.
+pub(super) struct Prepared {
+    /// The container's id.
+    pub id: String,
+    /// Its bundle.
+    pub bundle: Bundle,
+    /// The engine's request.
+    pub req: RestoreRequest,
+    youki_cfg: YoukiConfig,
+    container_dir: PathBuf,
+}
+
+/// Check that `id` can be restored from `image_dir` into `bundle` (the caller holds its lock)
+/// and make the request; nothing is created but the state root.
+pub(super) fn prepare(
+    ctx: &Context,
+    a: &RestoreArgs,
+    id: &str,
+    bundle: Bundle,
+    image_dir: &std::path::Path,
+    work_dir: PathBuf,
+) -> anyhow::Result<Prepared> {
+    let rootfs = bundle.rootfs()?;
     if ctx.store.exists(id) {
         bail!("container with id {id} already exists: restore under another id or delete it first");
     }
     // What an earlier restore of this id left when it was killed goes first.
     super::cleanup::undo_half_made(ctx, id)?;
-    let image_dir = image_dir(a.image_path.as_deref())?;
-    // An image with CUDA state, or a GPU bundle, that this machine cannot restore is refused
-    // here, before anything is created, with every reason.
-    let image_gpu = Manifest::read(&image_dir).ok().flatten().and_then(|m| m.gpu);
-    let gpu = gpu::restore_preflight(&bundle.spec, image_gpu.as_ref(), &image_dir, &ctx.gpu)
-        .with_context(|| format!("cannot restore container {id}"))?;
-    let work_dir = a.work_path.clone().unwrap_or_else(|| image_dir.clone());
     let container_dir = ctx.store.container_dir(id);
     // The state dir is made by the restore itself, once its guardian runs (so a kill at any
     // moment leaves none behind); only its parent must exist here, resolved.
     create_private_dir(ctx.store.root())?;
     let youki_cfg = YoukiConfig::from_spec(&bundle.spec, id)?;
-    if !a.detach && !a.no_subreaper {
-        // Orphans of the restored tree must come back to us so we can reap them.
-        let _ = nix::sys::prctl::set_child_subreaper(true);
-    }
     let req = RestoreRequest {
-        id: id.clone(),
+        id: id.to_string(),
         bundle: bundle.dir.clone(),
         spec: bundle.spec.clone(),
         rootfs: rootfs.canonicalize().unwrap_or(rootfs.clone()),
-        image_dir: image_dir.clone(),
+        image_dir: image_dir.to_path_buf(),
         work_dir,
         // CRIU finds its root mount by path in mountinfo, which shows resolved paths: docker's
         // --root /var/run/… must become /run/… or CRIU cannot match the mount (as runc does).
@@ -91,100 +192,63 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         },
         criu_timeout: Duration::from_secs(a.criu_timeout),
     };
-    let mut host = Host::new(id, &bundle.spec, &bundle.dir, youki_cfg.cgroup_path.clone());
-    let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
-    let mut swrk = SwrkClient::new(&ctx.criu)
-        .with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
-    if let Some(plan) = &gpu {
-        swrk = plan.swrk_client(swrk);
+    Ok(Prepared {
+        id: id.to_string(),
+        bundle,
+        req,
+        youki_cfg,
+        container_dir,
+    })
+}
+
+impl Prepared {
+    /// The cgroups and hooks of this restore.
+    pub fn host(&self) -> Host {
+        Host::new(
+            &self.id,
+            &self.bundle.spec,
+            &self.bundle.dir,
+            self.youki_cfg.cgroup_path.clone(),
+        )
     }
-    let gpu_criu = gpu::GpuCriu::new(&swrk);
-    let criu: &dyn CriuClient = if gpu.is_some() { &gpu_criu } else { &swrk };
-    let launcher = super::guardian::Launcher::new(ctx);
-    let env = RestoreEnv {
-        criu,
-        guardian: &launcher,
-        lock: Some(lock.as_fd()),
-        interrupted: &|| interrupts.interrupted(),
-    };
-    let pending = match restore::restore(&req, &env, &mut host) {
-        Ok(p) => p,
-        Err(e) => {
-            // Everything the restore made is undone; the directory it started from goes too.
-            if let Err(rm) = super::cleanup::remove_state_dir(&container_dir) {
-                crate::logging::log("warning", &format!("{rm:#}"));
-            }
-            return Err(e.into());
-        }
-    };
-    let pid = pending.report.pid;
-    let record = ContainerRecord {
-        id: id.clone(),
-        bundle: bundle.dir.clone(),
-        rootfs: req.rootfs.clone(),
-        stdio: pending.report.stdio.clone(),
-        terminal: bundle
-            .spec
-            .process()
-            .as_ref()
-            .and_then(|p| p.terminal())
-            .unwrap_or(false),
-        created: chrono::Utc::now(),
-        restored_from: Some(image_dir),
-    };
-    // The state first, then the commit: a restore is committed only once the container is
-    // on record (dropping `pending` on an error here undoes it, the process included).
-    let saved = (|| -> anyhow::Result<()> {
+
+    /// Record the restored container's state (libcontainer's and cryo's).
+    pub fn record(&self, ctx: &Context, report: &RestoreReport) -> anyhow::Result<()> {
+        let record = ContainerRecord {
+            id: self.id.clone(),
+            bundle: self.bundle.dir.clone(),
+            rootfs: self.req.rootfs.clone(),
+            stdio: report.stdio.clone(),
+            terminal: self
+                .bundle
+                .spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.terminal())
+                .unwrap_or(false),
+            created: chrono::Utc::now(),
+            restored_from: Some(self.req.image_dir.clone()),
+        };
         let mut container = Container::new(
-            id,
+            &self.id,
             ContainerStatus::Running,
-            Some(pid),
-            &bundle.dir,
-            &container_dir,
+            Some(report.pid),
+            &self.bundle.dir,
+            &self.container_dir,
         )?;
         container.state.created = Some(chrono::Utc::now());
         container.save()?;
-        youki_cfg.save(&container_dir)?;
+        self.youki_cfg.save(&self.container_dir)?;
         ctx.store.save(&record)?;
         Ok(())
-    })();
-    if let Err(e) = saved {
-        drop(pending);
-        let _ = super::cleanup::remove_state_dir(&container_dir);
-        return Err(e.context(format!("restored {id}, but recording its state failed; the restore was undone")));
     }
-    let report = pending.commit();
-    drop(interrupts);
-    if let Some(plugin) = gpu_criu.last_plugin_log() {
-        crate::logging::log(
-            "debug",
-            &format!(
-                "CRIU's CUDA plugin resumed {} process(es): {:.1} ms",
-                plugin.cuda_pids.len(),
-                plugin.timings.map_or(0.0, |t| t.resume_ms)
-            ),
-        );
+
+    /// Remove the state directory of a restore that was undone.
+    pub fn remove_state_dir(&self) {
+        if let Err(rm) = super::cleanup::remove_state_dir(&self.container_dir) {
+            crate::logging::log("warning", &format!("{rm:#}"));
+        }
     }
-    for w in &report.warnings {
-        crate::logging::log("warning", w);
-    }
-    crate::logging::log(
-        "debug",
-        &format!(
-            "restored {id} as pid {} in {:.1} ms (image verified in {:.1} ms; {})",
-            report.pid, report.restore_ms, report.verify_ms, report.rootfs_note
-        ),
-    );
-    if a.detach {
-        return Ok(0);
-    }
-    drop(lock);
-    let code = wait_forwarding(Pid::from_raw(report.pid));
-    let _lock = ctx.store.lock(id)?;
-    if let Ok(mut c) = Container::load(container_dir) {
-        let _ = c.delete(true);
-    }
-    Ok(code)
 }
 
 fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
@@ -197,7 +261,7 @@ fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// cgroups and hooks for the engine.
-struct Host {
+pub(super) struct Host {
     id: String,
     spec: Spec,
     bundle: PathBuf,
