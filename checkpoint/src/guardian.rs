@@ -75,6 +75,17 @@ pub enum Order {
         /// The tag.
         tag: String,
     },
+    /// cryo is about to lock the network of this namespace for a group checkpoint
+    /// ([`crate::group::netlock`]): unlock it if cryo dies.
+    NetworkLocked {
+        /// The namespace (`/proc/<pid>/ns/net`), which the guardian opens at once.
+        netns: PathBuf,
+    },
+    /// That namespace was unlocked again, or stays locked on purpose: nothing to undo.
+    NetworkReleased {
+        /// The namespace, as in [`Order::NetworkLocked`].
+        netns: PathBuf,
+    },
     /// cryo finished (or undid everything itself): exit without acting.
     Done,
 }
@@ -184,6 +195,7 @@ struct Duties {
     criu: Option<Criu>,
     remove: Vec<PathBuf>,
     cleanups: Vec<String>,
+    networks: Vec<(PathBuf, Option<crate::group::netlock::Netns>)>,
 }
 
 #[derive(Debug)]
@@ -245,6 +257,7 @@ pub fn serve(orders: OwnedFd, host: &dyn GuardianHost) -> Ending {
     let _ = reader.read_to_end(&mut Vec::new());
     duties.stop_criu(host);
     duties.thaw(host);
+    duties.unlock_networks(host);
     for path in std::mem::take(&mut duties.remove) {
         match cryo_oci::fsutil::remove_tree_same_fs(&path) {
             Ok(true) => host.log(&format!("removed the unfinished {}", path.display())),
@@ -287,6 +300,12 @@ impl Duties {
             Order::Keep { path } => self.remove.retain(|p| p != &path),
             Order::Cleanup { tag } => self.cleanups.push(tag),
             Order::CleanupDone { tag } => self.cleanups.retain(|t| t != &tag),
+            Order::NetworkLocked { netns } => {
+                // Opened now: it names that namespace even if its processes die.
+                let ns = crate::group::netlock::Netns::open(&netns).ok();
+                self.networks.push((netns, ns));
+            }
+            Order::NetworkReleased { netns } => self.networks.retain(|(p, _)| p != &netns),
             Order::Done => {}
         }
     }
@@ -318,6 +337,26 @@ impl Duties {
                 "CRIU (pid {}) did not end within {CRIU_KILL_WAIT:?} of SIGKILL",
                 criu.pid
             ));
+        }
+    }
+
+    fn unlock_networks(&mut self, host: &dyn GuardianHost) {
+        use crate::group::netlock::NetLock;
+        for (path, ns) in std::mem::take(&mut self.networks) {
+            let Some(ns) = ns else {
+                host.log(&format!(
+                    "could not open {} to unlock its network",
+                    path.display()
+                ));
+                continue;
+            };
+            match crate::group::netlock::Iptables::default().unlock(&ns) {
+                Ok(()) => host.log(&format!("unlocked the network of {}", ns.name())),
+                Err(e) => host.log(&format!(
+                    "could not unlock the network of {}: {e}",
+                    ns.name()
+                )),
+            }
         }
     }
 

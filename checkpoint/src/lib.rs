@@ -7,6 +7,7 @@ pub mod dump;
 pub mod facts;
 pub mod flags;
 pub mod gpu;
+pub mod group;
 pub mod guardian;
 pub mod image;
 pub mod manifest;

@@ -425,8 +425,16 @@ pub struct CheckpointArgs {
         requires = "store"
     )]
     pub full_every: u32,
-    /// Container id.
-    pub container_id: String,
+    /// Container id (with more ids: the first member of a group checkpoint).
+    #[arg(required_unless_present = "group")]
+    pub container_id: Option<String>,
+    /// More containers: one coordinated checkpoint of them all, into one group image (cryo
+    /// only).
+    pub more_ids: Vec<String>,
+    /// A coordinated checkpoint of every container whose `io.cryo.group` annotation has this
+    /// value (cryo only).
+    #[arg(long, conflicts_with_all = ["container_id", "more_ids"])]
+    pub group: Option<String>,
 }
 
 /// `restore`
@@ -506,8 +514,15 @@ pub struct RestoreArgs {
     /// to older ones (cryo only).
     #[arg(long = "store", value_name = "DIR", conflicts_with = "image_path")]
     pub store: Option<PathBuf>,
-    /// Container id.
-    pub container_id: String,
+    /// Group image: restore member OLD under the id NEW (default: its own id; cryo only).
+    #[arg(long = "rename", value_name = "OLD=NEW")]
+    pub rename: Vec<String>,
+    /// Group image: restore member ID from bundle DIR (default: the bundle it had at
+    /// checkpoint; cryo only).
+    #[arg(long = "member-bundle", value_name = "ID=DIR")]
+    pub member_bundle: Vec<String>,
+    /// Container id (none for a group image: its members are restored).
+    pub container_id: Option<String>,
 }
 
 /// `verify`

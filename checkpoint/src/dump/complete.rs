@@ -19,7 +19,7 @@ use crate::{facts, rootfs};
 
 /// A complete image in staging, not yet published. `frozen` is set when the container is to
 /// be stopped (it stays frozen until then); it thaws first if anything fails.
-pub(super) struct Complete<'r, 'a> {
+pub(crate) struct Complete<'r, 'a> {
     frozen: Option<Frozen<'a>>,
     p: Prepared<'r, 'a>,
     manifest: Option<Manifest>,
@@ -28,7 +28,7 @@ pub(super) struct Complete<'r, 'a> {
 
 impl<'r, 'a> Dumped<'r, 'a> {
     /// Thaw (or keep frozen to stop), finish the images and write the manifest.
-    pub(super) fn complete(self) -> Result<Complete<'r, 'a>, CheckpointError> {
+    pub(crate) fn complete(self) -> Result<Complete<'r, 'a>, CheckpointError> {
         let Dumped {
             frozen,
             mut p,
@@ -269,9 +269,15 @@ impl<'r, 'a> Dumped<'r, 'a> {
     }
 }
 
-impl Complete<'_, '_> {
+impl<'r, 'a> Complete<'r, 'a> {
     /// Publish the image at `--image-path`; then stop the container if asked.
     pub(super) fn publish(self) -> Result<DumpReport, CheckpointError> {
+        Ok(self.publish_image()?.finish())
+    }
+
+    /// Publish the image at `--image-path`, leaving a container that is to be stopped frozen
+    /// until [`Published::finish`].
+    pub(crate) fn publish_image(self) -> Result<Published<'r, 'a>, CheckpointError> {
         let Complete {
             mut frozen,
             mut p,
@@ -295,6 +301,54 @@ impl Complete<'_, '_> {
         for path in p.staging.publish_debris() {
             let _ = p.guardian.order(&Order::Keep { path });
         }
+        Ok(Published {
+            frozen,
+            p,
+            manifest,
+            warnings,
+        })
+    }
+}
+
+/// An image published at `--image-path` whose container, if it is to be stopped, is still
+/// frozen. Dropped without [`Published::finish`], that container thaws and keeps running
+/// (another member of a group failed after this image was published in the group's staging).
+pub(crate) struct Published<'r, 'a> {
+    frozen: Option<Frozen<'a>>,
+    p: Prepared<'r, 'a>,
+    manifest: Option<Manifest>,
+    warnings: Vec<String>,
+}
+
+impl Published<'_, '_> {
+    /// Where the image is.
+    pub(crate) fn image_dir(&self) -> &Path {
+        self.p.staging.target().path()
+    }
+
+    /// The container's cgroup (its processes are about to be stopped, or keep running).
+    pub(crate) fn cgroup(&self) -> &Path {
+        self.p.env.freezer.path()
+    }
+
+    /// Whether [`Published::finish`] stops the container.
+    pub(crate) fn stops(&self) -> bool {
+        self.frozen.is_some()
+    }
+
+    /// What the container is left as if this is dropped.
+    pub(crate) fn left_if_dropped(&self) -> LeftAs {
+        self.frozen.as_ref().map_or(LeftAs::Thawed, |f| f.left())
+    }
+
+    /// Stop the container if asked (the image is complete), let the guardian go.
+    pub(crate) fn finish(self) -> DumpReport {
+        let Published {
+            mut frozen,
+            mut p,
+            manifest,
+            mut warnings,
+        } = self;
         let stopped = frozen.is_some();
         if let Some(f) = frozen.take() {
             // The image is complete: now stop the container for good (runc semantics). Tasks
@@ -307,12 +361,12 @@ impl Complete<'_, '_> {
         if let Err(e) = guardian.dismiss() {
             warnings.push(format!("the guardian process ended badly: {e}"));
         }
-        Ok(DumpReport {
+        DumpReport {
             manifest,
             stopped,
             image_dir,
             warnings,
-        })
+        }
     }
 }
 

@@ -16,6 +16,11 @@
 //!
 //! SIGINT/SIGTERM/SIGHUP during the verb only raise a flag ([`crate::signals`]): CRIU is
 //! stopped at once if it is working, and every step checks the flag.
+//!
+//! A coordinated checkpoint of several containers ([`crate::group`]) drives the same steps
+//! one by one for each member, with a [`Rendezvous`] in the freeze window and the publishing
+//! split in two (`Complete::publish_image`, then `Published::finish` once the whole group is
+//! published).
 
 mod complete;
 mod prepare;
@@ -38,6 +43,8 @@ use crate::manifest::Manifest;
 use crate::page_receiver::ReceiveError;
 use crate::plan::PlanError;
 use crate::rootfs::RootfsError;
+
+pub(crate) use prepare::Prepared;
 
 /// Snapshot of a /dev/shm the client bind-mounts from the host (docker does), in the image dir.
 pub const DEVSHM_FILE: &str = "devshm.tar";
@@ -71,6 +78,19 @@ impl std::str::FromStr for SnapshotMode {
             )),
         }
     }
+}
+
+/// Where a member of a coordinated checkpoint ([`crate::group`]) meets the others, from
+/// CRIU's `pre-dump` notification: every member freezes at the same moment, and none is
+/// dumped before all are frozen and nothing moves between them. An error aborts this member's
+/// dump (it thaws, or stays paused).
+pub trait Rendezvous {
+    /// This member's CRIU is ready and its pages staged; returns when every member's is, so
+    /// that they all freeze together.
+    fn ready_to_freeze(&self) -> Result<(), String>;
+    /// This member is frozen; returns when every member is and the network between them is
+    /// locked.
+    fn frozen(&self) -> Result<(), String>;
 }
 
 /// Everything a checkpoint needs to know about the container and the request.
@@ -229,6 +249,9 @@ pub enum DumpError {
     /// SIGINT/SIGTERM/SIGHUP.
     #[error("interrupted by a signal")]
     Interrupted,
+    /// Another member of a coordinated checkpoint failed, or the group could not meet.
+    #[error("{0}")]
+    Group(String),
 }
 
 /// `12.3 MiB`.

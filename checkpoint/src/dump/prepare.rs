@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use super::steps::{apply_plan, check_criu, detect};
 use super::upper::UpperCapture;
-use super::{freeze_timeout_for, CheckpointError, DumpEnv, DumpError, DumpRequest, LeftAs};
+use super::{
+    freeze_timeout_for, CheckpointError, DumpEnv, DumpError, DumpRequest, LeftAs, Rendezvous,
+};
 use crate::criu::{rpc, CallKind, CriuCall};
 use crate::guardian::{Guardian, Order};
 use crate::image::{ImageTarget, Staging};
@@ -22,7 +24,7 @@ const SPACE_MARGIN: u64 = 16 << 20;
 
 /// A checkpoint ready to freeze. Fields drop in order; the guardian goes last, so it outlives
 /// every undo that runs before it.
-pub(super) struct Prepared<'r, 'a> {
+pub(crate) struct Prepared<'r, 'a> {
     pub(super) req: &'r DumpRequest,
     pub(super) env: &'r DumpEnv<'a>,
     pub(super) started: Instant,
@@ -43,13 +45,15 @@ pub(super) struct Prepared<'r, 'a> {
     pub(super) receiver: Option<PageReceiver>,
     pub(super) extra_fds: Vec<OwnedFd>,
     pub(super) capture: Option<UpperCapture>,
+    /// The other members of a coordinated checkpoint, met in the freeze window.
+    pub(super) rendezvous: Option<&'r dyn Rendezvous>,
     pub(super) staging: Staging,
     pub(super) guardian: Guardian,
 }
 
 impl<'r, 'a> Prepared<'r, 'a> {
     /// Check, plan and set up; nothing of the container is touched.
-    pub(super) fn new(req: &'r DumpRequest, env: &'r DumpEnv<'a>) -> Result<Self, CheckpointError> {
+    pub(crate) fn new(req: &'r DumpRequest, env: &'r DumpEnv<'a>) -> Result<Self, CheckpointError> {
         let started = Instant::now();
         let fail = |step: &'static str, cause: DumpError| CheckpointError {
             id: req.id.clone(),
@@ -166,9 +170,23 @@ impl<'r, 'a> Prepared<'r, 'a> {
             receiver,
             extra_fds,
             capture,
+            rendezvous: None,
             staging,
             guardian,
         })
+    }
+
+    /// Make this a member of a coordinated checkpoint ([`crate::group`]): it freezes when
+    /// `rendezvous` says so, and CRIU always leaves its tasks alive, even to stop the
+    /// container: only once every member's image is published are they stopped
+    /// (`Published::finish`).
+    pub(crate) fn in_group(mut self, rendezvous: &'r dyn Rendezvous) -> Self {
+        self.rendezvous = Some(rendezvous);
+        if self.criu_kills {
+            self.criu_kills = false;
+            self.opts.set_leave_running(true);
+        }
+        self
     }
 
     /// A failure of a later step, with CRIU's log kept when it would go with the image.

@@ -60,7 +60,7 @@ impl Frozen<'_> {
 
 /// CRIU's dump done, the container still frozen (or paused), the rootfs captured.
 /// `frozen` is declared first: on a failure it thaws before anything else is undone.
-pub(super) struct Dumped<'r, 'a> {
+pub(crate) struct Dumped<'r, 'a> {
     pub(super) frozen: Frozen<'a>,
     pub(super) p: Prepared<'r, 'a>,
     pub(super) open_files: Vec<OpenFileRecord>,
@@ -70,6 +70,13 @@ pub(super) struct Dumped<'r, 'a> {
     pub(super) devshm: Option<String>,
     pub(super) rootfs_capture_ms: f64,
     pub(super) rootfs_wait_ms: f64,
+}
+
+impl Dumped<'_, '_> {
+    /// What the container is left as if this is dropped (another member of a group failed).
+    pub(crate) fn left_if_dropped(&self) -> LeftAs {
+        self.frozen.left()
+    }
 }
 
 /// The regular files the container's processes hold open (deleted ones left out).
@@ -153,6 +160,7 @@ impl Window<'_, '_, '_> {
 
     /// `pre-dump`: what the freeze writes is faulted in first, while the container runs; the
     /// guardian learns of the freeze before it happens; then freeze and list the open files.
+    /// A member of a group freezes with the others, and returns only once all are frozen.
     fn freeze(&mut self) -> Result<(), String> {
         let t = Instant::now();
         if let Some(r) = &self.p.receiver {
@@ -162,6 +170,10 @@ impl Window<'_, '_, '_> {
             c.wait_prepared();
         }
         self.staging_wait_ms = ms(t.elapsed());
+        if let Some(g) = self.p.rendezvous {
+            g.ready_to_freeze()
+                .map_err(|e| self.keep("waiting for the group to freeze", DumpError::Group(e)))?;
+        }
         let freezer = self.p.env.freezer;
         let was_frozen = freezer
             .state()
@@ -196,6 +208,10 @@ impl Window<'_, '_, '_> {
         if let Some(c) = self.p.capture.as_mut() {
             c.start_beside_dump();
         }
+        if let Some(g) = self.p.rendezvous {
+            g.frozen()
+                .map_err(|e| self.keep("waiting for the group to freeze", DumpError::Group(e)))?;
+        }
         if self.interrupted() {
             return Err(self.keep("freezing the container", DumpError::Interrupted));
         }
@@ -222,7 +238,7 @@ impl Window<'_, '_, '_> {
 impl<'r, 'a> Prepared<'r, 'a> {
     /// Run CRIU's dump inside the freeze window; on success the container is still frozen
     /// and the rootfs captured.
-    pub(super) fn dump(mut self) -> Result<Dumped<'r, 'a>, CheckpointError> {
+    pub(crate) fn dump(mut self) -> Result<Dumped<'r, 'a>, CheckpointError> {
         let call = CriuCall {
             kind: self.kind,
             opts: std::mem::take(&mut self.opts),

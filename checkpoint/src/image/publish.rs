@@ -147,6 +147,11 @@ impl ImageTarget {
     pub fn existing(&self) -> Existing {
         self.existing
     }
+
+    /// Whether the target is a mount point (published file by file, see the module docs).
+    pub fn is_mount_point(&self) -> bool {
+        self.mount_point
+    }
 }
 
 /// What a directory holds, for [`ImageTarget::inspect`].
@@ -158,6 +163,9 @@ fn classify(dir: &Path) -> Result<Existing, PublishError> {
         .collect();
     if names.iter().all(|n| n.starts_with(".cryo-")) {
         return Ok(Existing::Empty);
+    }
+    if names.iter().any(|n| n == crate::group::manifest::FILE) {
+        return classify_group(dir, &names);
     }
     let manifest = match Manifest::read(dir) {
         Ok(Some(m)) => m,
@@ -191,6 +199,26 @@ fn classify(dir: &Path) -> Result<Existing, PublishError> {
             path: dir.to_path_buf(),
             what: format!("a cryo checkpoint plus the file {stranger}, which is not part of it"),
         });
+    }
+    Ok(Existing::Checkpoint)
+}
+
+/// A previous group checkpoint ([`crate::group`]): its manifest, its members, nothing else.
+fn classify_group(dir: &Path, names: &[String]) -> Result<Existing, PublishError> {
+    let not_ours = |what: String| PublishError::NotOurs {
+        path: dir.to_path_buf(),
+        what,
+    };
+    crate::group::manifest::check_group(dir)
+        .map_err(|e| not_ours(format!("a damaged or incomplete group checkpoint ({e})")))?;
+    if let Some(stranger) = names.iter().find(|n| {
+        n.as_str() != crate::group::manifest::FILE
+            && n.as_str() != crate::group::manifest::MEMBERS_DIR
+            && !is_side_file(n)
+    }) {
+        return Err(not_ours(format!(
+            "a group checkpoint plus {stranger}, which is not part of it"
+        )));
     }
     Ok(Existing::Checkpoint)
 }

@@ -88,6 +88,17 @@ pub trait RestoreHost: journal::CgroupUndo {
     fn leave_cgroup(&mut self);
     /// Run prestart and createRuntime hooks for the restored init `pid`.
     fn run_hooks(&mut self, pid: i32) -> Result<(), String>;
+    /// CRIU was started (in the cgroups [`RestoreHost::join_cgroup`] made): the calling
+    /// process may leave them from here. A group restore ([`crate::group`]) starts one
+    /// member's CRIU at a time.
+    fn criu_started(&mut self) {}
+    /// Every task of init `pid` is restored (CRIU's `post-restore`): none runs yet, the TCP
+    /// sockets are still in repair mode. An error makes CRIU undo the restore. A group
+    /// restore waits here until every member is restored.
+    fn restored(&mut self, pid: i32) -> Result<(), String> {
+        let _ = pid;
+        Ok(())
+    }
     /// Who a directory is (the restore's test for "the same upper dir").
     fn dir_identity(&self, dir: &Path) -> Option<crate::facts::DirIdentity> {
         crate::facts::dir_identity(dir)

@@ -475,6 +475,7 @@ struct Observer<'x> {
 
 impl CallObserver for Observer<'_> {
     fn started(&mut self, pid: i32) -> Result<(), String> {
+        self.host.criu_started();
         match self.guardian.as_mut() {
             Some(g) => g.order(&Order::Criu { pid }).map_err(|e| e.to_string()),
             None => Ok(()),
@@ -486,7 +487,7 @@ impl CallObserver for Observer<'_> {
             "setup-namespaces" => self.host.run_hooks(n.pid),
             "post-restore" => {
                 self.restored = Some(n.pid);
-                Ok(())
+                self.host.restored(n.pid)
             }
             "orphan-pts-master" => match (n.fd, &self.console) {
                 (Some(fd), Some(sock)) => send_console(sock, fd),

@@ -59,6 +59,15 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     // Every file this verb makes holds the container's memory or files: private.
     // SAFETY: umask only swaps the process's file-mode mask; it cannot fail.
     unsafe { libc::umask(0o077) };
+    if a.group.is_some() || !a.more_ids.is_empty() {
+        if a.store.is_some() {
+            bail!(
+                "--store takes one container; a group checkpoint goes to --image-path (a group \
+                 generation in a store is not built yet)"
+            );
+        }
+        return super::group::checkpoint(ctx, a);
+    }
     if a.store.is_some() {
         return super::store::checkpoint(ctx, a);
     }
@@ -70,11 +79,99 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     if report.stopped {
         // runc semantics: a checkpoint without --leave-running ends the container.
         // Loaded afresh: CRIU has just ended the processes the record above still shows.
-        let id = &a.container_id;
+        let id = &job.req.id;
         delete_settling(ctx, id, Verb::ForceDelete, true)
             .with_context(|| format!("checkpoint done, but removing container {id} failed"))?;
     }
     Ok(0)
+}
+
+/// The one container a checkpoint names (a group checkpoint names several).
+pub fn container_id(a: &CheckpointArgs) -> anyhow::Result<&str> {
+    a.container_id
+        .as_deref()
+        .context("checkpoint needs a container id")
+}
+
+/// The checkpoint request for container `id` (whose lock the caller holds), into `image_dir`,
+/// and the container's cgroup.
+pub(super) fn request_for(
+    ctx: &Context,
+    a: &CheckpointArgs,
+    id: &str,
+    image_dir: PathBuf,
+) -> anyhow::Result<(DumpRequest, ContainerCgroup)> {
+    let snapshot: SnapshotMode = a.rootfs_snapshot.parse().map_err(anyhow::Error::msg)?;
+    let container = load_for(ctx, id, Verb::Checkpoint)?;
+    let pid = container
+        .pid()
+        .context("the container has no init pid")?
+        .as_raw();
+    let record = ctx.store.load(id)?;
+    // The user's bundle (libcontainer's may be cryo's copy of the spec, see `run_bundle`).
+    let bundle = record
+        .as_ref()
+        .map(|r| r.bundle.clone())
+        .unwrap_or_else(|| container.bundle().clone());
+    let spec = cryo_oci::load_spec(&bundle)?;
+    // A GPU container this machine cannot checkpoint is refused here, before anything is
+    // touched, with every reason.
+    let gpu = gpu::preflight(&spec, &ctx.gpu)
+        .with_context(|| format!("cannot checkpoint container {id}"))?;
+    if gpu.is_some() && a.pre_dump {
+        bail!(
+            "cannot pre-dump container {id}: it uses an NVIDIA GPU, and CRIU's CUDA plugin \
+             does not take part in pre-dumps; take a full checkpoint"
+        );
+    }
+    let rootfs = match &record {
+        Some(r) => r.rootfs.clone(),
+        None => cryo_oci::rootfs_path(&bundle, &spec)?,
+    };
+    let spec = crate::mounts::as_criu_sees_them(&spec, &bundle, &rootfs);
+    let stdio = record
+        .map(|r| r.stdio)
+        .unwrap_or_else(|| cryo_checkpoint::descriptors::read_stdio(pid));
+    let cgroup = ContainerCgroup::for_pid(pid)?;
+    let req = DumpRequest {
+        id: id.to_string(),
+        pid,
+        bundle,
+        spec,
+        rootfs,
+        stdio,
+        image_dir,
+        work_dir: a.work_path.clone(),
+        flags: DumpFlags {
+            common: CommonFlags {
+                tcp_established: a.tcp_established,
+                ext_unix_sk: a.ext_unix_sk,
+                shell_job: a.shell_job,
+                file_locks: a.file_locks,
+                manage_cgroups_mode: a.manage_cgroups_mode.clone(),
+                empty_ns: a.empty_ns.clone(),
+                auto_dedup: a.auto_dedup,
+                lazy_pages: a.lazy_pages,
+                network_lock: a.network_lock.clone(),
+            },
+            leave_running: a.leave_running,
+            tcp_skip_in_flight: a.tcp_skip_in_flight,
+            link_remap: a.link_remap,
+            pre_dump: a.pre_dump,
+            parent_path: a.parent_path.clone(),
+            page_server: a.page_server.clone(),
+            status_fd: a.status_fd,
+        },
+        snapshot,
+        compress_pages: a.compress_pages,
+        stage_pages: !a.no_page_staging,
+        freeze_timeout: a.freeze_timeout.map(Duration::from_secs),
+        criu_timeout: Duration::from_secs(a.criu_timeout),
+        failure_log_dir: Some(ctx.store.container_dir(id)),
+        gpu,
+        parent: None,
+    };
+    Ok((req, cgroup))
 }
 
 /// A container loaded for one checkpoint, its lock held until this is dropped. The request
@@ -89,79 +186,10 @@ pub struct Job {
 impl Job {
     /// Lock and load container `a.container_id` and gather what its checkpoint needs.
     pub fn load(ctx: &Context, a: &CheckpointArgs, image_dir: PathBuf) -> anyhow::Result<Self> {
-        let id = &a.container_id;
-        let snapshot: SnapshotMode = a.rootfs_snapshot.parse().map_err(anyhow::Error::msg)?;
+        let id = container_id(a)?;
         let lock = ctx.store.lock(id)?;
-        let container = load_for(ctx, id, Verb::Checkpoint)?;
-        let pid = container
-            .pid()
-            .context("the container has no init pid")?
-            .as_raw();
-        let record = ctx.store.load(id)?;
-        // The user's bundle (libcontainer's may be cryo's copy of the spec, see `run_bundle`).
-        let bundle = record
-            .as_ref()
-            .map(|r| r.bundle.clone())
-            .unwrap_or_else(|| container.bundle().clone());
-        let spec = cryo_oci::load_spec(&bundle)?;
-        // A GPU container this machine cannot checkpoint is refused here, before anything is
-        // touched, with every reason.
-        let gpu = gpu::preflight(&spec, &ctx.gpu)
-            .with_context(|| format!("cannot checkpoint container {id}"))?;
-        if gpu.is_some() && a.pre_dump {
-            bail!(
-                "cannot pre-dump container {id}: it uses an NVIDIA GPU, and CRIU's CUDA plugin \
-                 does not take part in pre-dumps; take a full checkpoint"
-            );
-        }
-        let rootfs = match &record {
-            Some(r) => r.rootfs.clone(),
-            None => cryo_oci::rootfs_path(&bundle, &spec)?,
-        };
-        let spec = crate::mounts::as_criu_sees_them(&spec, &bundle, &rootfs);
-        let stdio = record
-            .map(|r| r.stdio)
-            .unwrap_or_else(|| cryo_checkpoint::descriptors::read_stdio(pid));
-        let cgroup = ContainerCgroup::for_pid(pid)?;
+        let (req, cgroup) = request_for(ctx, a, id, image_dir)?;
         let freezer = freezer_for(&cgroup);
-        let req = DumpRequest {
-            id: id.clone(),
-            pid,
-            bundle,
-            spec,
-            rootfs,
-            stdio,
-            image_dir,
-            work_dir: a.work_path.clone(),
-            flags: DumpFlags {
-                common: CommonFlags {
-                    tcp_established: a.tcp_established,
-                    ext_unix_sk: a.ext_unix_sk,
-                    shell_job: a.shell_job,
-                    file_locks: a.file_locks,
-                    manage_cgroups_mode: a.manage_cgroups_mode.clone(),
-                    empty_ns: a.empty_ns.clone(),
-                    auto_dedup: a.auto_dedup,
-                    lazy_pages: a.lazy_pages,
-                    network_lock: a.network_lock.clone(),
-                },
-                leave_running: a.leave_running,
-                tcp_skip_in_flight: a.tcp_skip_in_flight,
-                link_remap: a.link_remap,
-                pre_dump: a.pre_dump,
-                parent_path: a.parent_path.clone(),
-                page_server: a.page_server.clone(),
-                status_fd: a.status_fd,
-            },
-            snapshot,
-            compress_pages: a.compress_pages,
-            stage_pages: !a.no_page_staging,
-            freeze_timeout: a.freeze_timeout.map(Duration::from_secs),
-            criu_timeout: Duration::from_secs(a.criu_timeout),
-            failure_log_dir: Some(ctx.store.container_dir(id)),
-            gpu,
-            parent: None,
-        };
         Ok(Self { req, freezer, lock })
     }
 

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod cleanup;
 pub mod exec;
+pub mod group;
 pub mod guardian;
 pub mod info;
 pub mod lifecycle;

@@ -11,7 +11,9 @@ use cryo_checkpoint::flags::CommonFlags;
 use cryo_checkpoint::gpu;
 use cryo_checkpoint::manifest::Manifest;
 use cryo_checkpoint::restore::journal::CgroupUndo;
-use cryo_checkpoint::restore::{self, RestoreEnv, RestoreFlags, RestoreHost, RestoreRequest};
+use cryo_checkpoint::restore::{
+    self, RestoreEnv, RestoreFlags, RestoreHost, RestoreReport, RestoreRequest,
+};
 use cryo_checkpoint::signals::InterruptGuard;
 use cryo_oci::{Bundle, ContainerRecord};
 use libcgroups::common::{
@@ -36,9 +38,19 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
         return super::store::restore(ctx, a);
     }
     let image_dir = image_dir(a.image_path.as_deref())?;
-    let lock = ctx.store.lock(&a.container_id)?;
+    if cryo_checkpoint::group::is_group_image(&image_dir) {
+        return super::group::restore(ctx, a, &image_dir);
+    }
+    let lock = ctx.store.lock(container_id(a)?)?;
     let pid = restore_image(ctx, a, image_dir, &lock)?;
     wait(ctx, a, pid, lock)
+}
+
+/// The one container a restore names (a group image names its members itself).
+pub fn container_id(a: &RestoreArgs) -> anyhow::Result<&str> {
+    a.container_id
+        .as_deref()
+        .context("restore needs a container id (only a group image restores without one)")
 }
 
 /// Why the image was refused, when that is why a restore failed (before anything was
@@ -58,23 +70,8 @@ pub fn restore_image(
     image_dir: PathBuf,
     lock: &cryo_oci::StoreLock,
 ) -> anyhow::Result<i32> {
-    let id = &a.container_id;
+    let id = container_id(a)?;
     let bundle = Bundle::load(&a.bundle)?;
-    let rootfs = bundle.rootfs()?;
-    if ctx.store.exists(id) {
-        bail!("container with id {id} already exists: restore under another id or delete it first");
-    }
-    // What an earlier restore of this id left when it was killed goes first.
-    super::cleanup::undo_half_made(ctx, id)?;
-    if a.manage_cgroups_mode.as_deref() == Some("ignore") && owns_new_cgroup_ns(&bundle.spec) {
-        bail!(
-            "--manage-cgroups-mode ignore cannot restore a container with a cgroup namespace: \
-             CRIU then restores no cgroup namespace, and the container would see the host's \
-             cgroup tree. Restore with soft (the default), full or strict, or remove the cgroup \
-             namespace from {}",
-            bundle.dir.join("config.json").display()
-        );
-    }
     // An image with CUDA state, or a GPU bundle, that this machine cannot restore is refused
     // here, before anything is created, with every reason.
     let image_gpu = Manifest::read(&image_dir)
@@ -84,69 +81,12 @@ pub fn restore_image(
     let gpu = gpu::restore_preflight(&bundle.spec, image_gpu.as_ref(), &image_dir, &ctx.gpu)
         .with_context(|| format!("cannot restore container {id}"))?;
     let work_dir = a.work_path.clone().unwrap_or_else(|| image_dir.clone());
-    let container_dir = ctx.store.container_dir(id);
-    // The state dir is made by the restore itself, once its guardian runs (so a kill at any
-    // moment leaves none behind); only its parent must exist here, resolved.
-    create_private_dir(ctx.store.root())?;
-    // runc's cgroup naming (see `cgroups`); cryo's copy of the spec saying so is written with
-    // the state (see `run_bundle`): later execs read it.
-    let mut run_spec = bundle.spec.clone();
-    if let Some(mut linux) = run_spec.linux().clone() {
-        linux.set_cgroups_path(Some(cgroups_path(&bundle.spec, id)));
-        run_spec.set_linux(Some(linux));
-    }
-    let youki_cfg = YoukiConfig::from_spec(&run_spec, id)?;
-    let criu_spec = crate::mounts::as_criu_sees_them(&bundle.spec, &bundle.dir, &rootfs);
-    crate::mounts::make_bind_mountpoints(&criu_spec, &rootfs)
-        .context("cannot make the bind mounts' mount points")?;
+    let m = prepare(ctx, a, id, bundle, &image_dir, work_dir)?;
     if !a.detach && !a.no_subreaper {
         // Orphans of the restored tree must come back to us so we can reap them.
         let _ = nix::sys::prctl::set_child_subreaper(true);
     }
-    let req = RestoreRequest {
-        id: id.clone(),
-        bundle: bundle.dir.clone(),
-        spec: criu_spec,
-        rootfs: rootfs.canonicalize().unwrap_or(rootfs.clone()),
-        image_dir: image_dir.clone(),
-        work_dir,
-        // CRIU finds its root mount by path in mountinfo, which shows resolved paths: docker's
-        // --root /var/run/… must become /run/… or CRIU cannot match the mount (as runc does).
-        scratch_dir: ctx
-            .store
-            .root()
-            .canonicalize()
-            .with_context(|| format!("cannot resolve {}", ctx.store.root().display()))?
-            .join(id),
-        console_socket: a.console_socket.clone(),
-        pid_file: a.pid_file.clone(),
-        cgroup_path: youki_cfg.cgroup_path.clone(),
-        flags: RestoreFlags {
-            common: CommonFlags {
-                tcp_established: a.tcp_established,
-                ext_unix_sk: a.ext_unix_sk,
-                shell_job: a.shell_job,
-                file_locks: a.file_locks,
-                manage_cgroups_mode: a.manage_cgroups_mode.clone(),
-                empty_ns: a.empty_ns.clone(),
-                auto_dedup: false,
-                lazy_pages: a.lazy_pages,
-                network_lock: a.network_lock.clone(),
-            },
-            tcp_close: a.tcp_close,
-            lsm_profile: a.lsm_profile.clone(),
-            lsm_mount_context: a.lsm_mount_context.clone(),
-            no_rootfs_restore: a.no_rootfs_restore,
-        },
-        criu_timeout: Duration::from_secs(a.criu_timeout),
-    };
-    let mut host = Host::new(
-        id,
-        &bundle.spec,
-        &bundle.dir,
-        youki_cfg.cgroup_path.clone(),
-        a.manage_cgroups_mode.as_deref(),
-    );
+    let mut host = m.host();
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
     let mut swrk =
         SwrkClient::new(&ctx.criu).with_probe_timeout(Duration::from_secs(a.criu_timeout.min(30)));
@@ -162,51 +102,19 @@ pub fn restore_image(
         lock: Some(lock.as_fd()),
         interrupted: &|| interrupts.interrupted(),
     };
-    let pending = match restore::restore(&req, &env, &mut host) {
+    let pending = match restore::restore(&m.req, &env, &mut host) {
         Ok(p) => p,
         Err(e) => {
             // Everything the restore made is undone; the directory it started from goes too.
-            if let Err(rm) = super::cleanup::remove_state_dir(&container_dir) {
-                crate::logging::log("warning", &format!("{rm:#}"));
-            }
+            m.remove_state_dir();
             return Err(e.into());
         }
     };
-    let pid = pending.report.pid;
-    let record = ContainerRecord {
-        id: id.clone(),
-        bundle: bundle.dir.clone(),
-        rootfs: req.rootfs.clone(),
-        stdio: pending.report.stdio.clone(),
-        terminal: bundle
-            .spec
-            .process()
-            .as_ref()
-            .and_then(|p| p.terminal())
-            .unwrap_or(false),
-        created: chrono::Utc::now(),
-        restored_from: Some(image_dir),
-    };
     // The state first, then the commit: a restore is committed only once the container is
     // on record (dropping `pending` on an error here undoes it, the process included).
-    let saved = (|| -> anyhow::Result<()> {
-        let run_bundle = RunBundle::write_into_state(&container_dir, id, &bundle)?;
-        let mut container = Container::new(
-            id,
-            ContainerStatus::Running,
-            Some(pid),
-            run_bundle.as_deref().unwrap_or(&bundle.dir),
-            &container_dir,
-        )?;
-        container.state.created = Some(chrono::Utc::now());
-        container.save()?;
-        youki_cfg.save(&container_dir)?;
-        ctx.store.save(&record)?;
-        Ok(())
-    })();
-    if let Err(e) = saved {
+    if let Err(e) = m.record(ctx, &pending.report) {
         drop(pending);
-        let _ = super::cleanup::remove_state_dir(&container_dir);
+        m.remove_state_dir();
         return Err(e.context(format!(
             "restored {id}, but recording its state failed; the restore was undone"
         )));
@@ -246,7 +154,7 @@ pub fn wait(
     if a.detach {
         return Ok(0);
     }
-    let id = &a.container_id;
+    let id = container_id(a)?;
     let container_dir = ctx.store.container_dir(id);
     drop(lock);
     let code = wait_forwarding(Pid::from_raw(pid));
@@ -255,6 +163,160 @@ pub fn wait(
         let _ = super::delete_container(&mut c, true);
     }
     Ok(code)
+}
+
+/// A restore of container `id` ready to run: the checks done, the request made.
+pub(super) struct Prepared {
+    /// The container's id.
+    pub id: String,
+    /// Its bundle.
+    pub bundle: Bundle,
+    /// The engine's request.
+    pub req: RestoreRequest,
+    youki_cfg: YoukiConfig,
+    container_dir: PathBuf,
+    manage_cgroups_mode: Option<String>,
+}
+
+/// Check that `id` can be restored from `image_dir` into `bundle` (the caller holds its lock)
+/// and make the request; nothing is created but the state root and the bind mounts' mount
+/// points.
+pub(super) fn prepare(
+    ctx: &Context,
+    a: &RestoreArgs,
+    id: &str,
+    bundle: Bundle,
+    image_dir: &std::path::Path,
+    work_dir: PathBuf,
+) -> anyhow::Result<Prepared> {
+    let rootfs = bundle.rootfs()?;
+    if ctx.store.exists(id) {
+        bail!("container with id {id} already exists: restore under another id or delete it first");
+    }
+    // What an earlier restore of this id left when it was killed goes first.
+    super::cleanup::undo_half_made(ctx, id)?;
+    if a.manage_cgroups_mode.as_deref() == Some("ignore") && owns_new_cgroup_ns(&bundle.spec) {
+        bail!(
+            "--manage-cgroups-mode ignore cannot restore a container with a cgroup namespace: \
+             CRIU then restores no cgroup namespace, and the container would see the host's \
+             cgroup tree. Restore with soft (the default), full or strict, or remove the cgroup \
+             namespace from {}",
+            bundle.dir.join("config.json").display()
+        );
+    }
+    let container_dir = ctx.store.container_dir(id);
+    // The state dir is made by the restore itself, once its guardian runs (so a kill at any
+    // moment leaves none behind); only its parent must exist here, resolved.
+    create_private_dir(ctx.store.root())?;
+    // runc's cgroup naming (see `cgroups`); cryo's copy of the spec saying so is written with
+    // the state (see `run_bundle`): later execs read it.
+    let mut run_spec = bundle.spec.clone();
+    if let Some(mut linux) = run_spec.linux().clone() {
+        linux.set_cgroups_path(Some(cgroups_path(&bundle.spec, id)));
+        run_spec.set_linux(Some(linux));
+    }
+    let youki_cfg = YoukiConfig::from_spec(&run_spec, id)?;
+    let criu_spec = crate::mounts::as_criu_sees_them(&bundle.spec, &bundle.dir, &rootfs);
+    crate::mounts::make_bind_mountpoints(&criu_spec, &rootfs)
+        .context("cannot make the bind mounts' mount points")?;
+    let req = RestoreRequest {
+        id: id.to_string(),
+        bundle: bundle.dir.clone(),
+        spec: criu_spec,
+        rootfs: rootfs.canonicalize().unwrap_or(rootfs.clone()),
+        image_dir: image_dir.to_path_buf(),
+        work_dir,
+        // CRIU finds its root mount by path in mountinfo, which shows resolved paths: docker's
+        // --root /var/run/… must become /run/… or CRIU cannot match the mount (as runc does).
+        scratch_dir: ctx
+            .store
+            .root()
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", ctx.store.root().display()))?
+            .join(id),
+        console_socket: a.console_socket.clone(),
+        pid_file: a.pid_file.clone(),
+        cgroup_path: youki_cfg.cgroup_path.clone(),
+        flags: RestoreFlags {
+            common: CommonFlags {
+                tcp_established: a.tcp_established,
+                ext_unix_sk: a.ext_unix_sk,
+                shell_job: a.shell_job,
+                file_locks: a.file_locks,
+                manage_cgroups_mode: a.manage_cgroups_mode.clone(),
+                empty_ns: a.empty_ns.clone(),
+                auto_dedup: false,
+                lazy_pages: a.lazy_pages,
+                network_lock: a.network_lock.clone(),
+            },
+            tcp_close: a.tcp_close,
+            lsm_profile: a.lsm_profile.clone(),
+            lsm_mount_context: a.lsm_mount_context.clone(),
+            no_rootfs_restore: a.no_rootfs_restore,
+        },
+        criu_timeout: Duration::from_secs(a.criu_timeout),
+    };
+    Ok(Prepared {
+        id: id.to_string(),
+        bundle,
+        req,
+        youki_cfg,
+        container_dir,
+        manage_cgroups_mode: a.manage_cgroups_mode.clone(),
+    })
+}
+
+impl Prepared {
+    /// The cgroups and hooks of this restore.
+    pub fn host(&self) -> Host {
+        Host::new(
+            &self.id,
+            &self.bundle.spec,
+            &self.bundle.dir,
+            self.youki_cfg.cgroup_path.clone(),
+            self.manage_cgroups_mode.as_deref(),
+        )
+    }
+
+    /// Record the restored container's state (libcontainer's, cryo's copy of the spec, and
+    /// cryo's record).
+    pub fn record(&self, ctx: &Context, report: &RestoreReport) -> anyhow::Result<()> {
+        let record = ContainerRecord {
+            id: self.id.clone(),
+            bundle: self.bundle.dir.clone(),
+            rootfs: self.req.rootfs.clone(),
+            stdio: report.stdio.clone(),
+            terminal: self
+                .bundle
+                .spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.terminal())
+                .unwrap_or(false),
+            created: chrono::Utc::now(),
+            restored_from: Some(self.req.image_dir.clone()),
+        };
+        let run_bundle = RunBundle::write_into_state(&self.container_dir, &self.id, &self.bundle)?;
+        let mut container = Container::new(
+            &self.id,
+            ContainerStatus::Running,
+            Some(report.pid),
+            run_bundle.as_deref().unwrap_or(&self.bundle.dir),
+            &self.container_dir,
+        )?;
+        container.state.created = Some(chrono::Utc::now());
+        container.save()?;
+        self.youki_cfg.save(&self.container_dir)?;
+        ctx.store.save(&record)?;
+        Ok(())
+    }
+
+    /// Remove the state directory of a restore that was undone.
+    pub fn remove_state_dir(&self) {
+        if let Err(rm) = super::cleanup::remove_state_dir(&self.container_dir) {
+            crate::logging::log("warning", &format!("{rm:#}"));
+        }
+    }
 }
 
 fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
@@ -279,7 +341,7 @@ fn owns_new_cgroup_ns(spec: &Spec) -> bool {
 }
 
 /// cgroups and hooks for the engine.
-struct Host {
+pub(super) struct Host {
     id: String,
     spec: Spec,
     bundle: PathBuf,

@@ -26,13 +26,10 @@ use crate::logging;
 pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     let dir = a.store.as_deref().context("--store is missing")?;
     refuse_unsupported(a)?;
+    let id = super::checkpoint::container_id(a)?;
     let every = a.every.as_deref().map(parse_duration).transpose()?;
-    let store = Store::create(dir).with_context(|| {
-        format!(
-            "cannot checkpoint container {} into a store",
-            a.container_id
-        )
-    })?;
+    let store = Store::create(dir)
+        .with_context(|| format!("cannot checkpoint container {id} into a store"))?;
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
     let mut w = Writer {
         ctx,
@@ -45,7 +42,6 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
         let g = w.generation(&|| interrupts.interrupted())?;
         println!("{}", g.summary());
         if g.report.stopped {
-            let id = &a.container_id;
             super::delete_settling(ctx, id, cryo_oci::Verb::ForceDelete, true)
                 .with_context(|| format!("checkpoint done, but removing container {id} failed"))?;
         }
@@ -174,7 +170,7 @@ impl Writer<'_> {
 
     /// `--every`: a generation per interval until the container stops or a signal arrives.
     fn periodic(&mut self, every: Duration, interrupts: &InterruptGuard) -> anyhow::Result<i32> {
-        let id = self.a.container_id.clone();
+        let id = super::checkpoint::container_id(self.a)?.to_string();
         let mut written = 0u64;
         loop {
             let started = Instant::now();
@@ -281,7 +277,7 @@ fn written_bytes(m: &Manifest) -> u64 {
 /// named with the reason.
 pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     let dir = a.store.as_deref().context("--store is missing")?;
-    let lock = ctx.store.lock(&a.container_id)?;
+    let lock = ctx.store.lock(super::restore::container_id(a)?)?;
     let store = Store::open(dir)?;
     // Shared: no writer prunes a generation while it is verified and read.
     let store_lock = store.lock(LockMode::Shared, lock_timeout())?;

@@ -13,6 +13,9 @@ pub fn verify(a: &VerifyArgs) -> anyhow::Result<i32> {
         bail!("invalid --format {:?}: use text or json", a.format);
     }
     let dir = image_dir(a.image_path.as_deref())?;
+    if cryo_checkpoint::group::is_group_image(&dir) {
+        return verify_group(&dir, a.format == "json");
+    }
     let v = verify_image(&dir)?;
     let m = v.manifest.as_ref();
     if a.format == "json" {
@@ -69,5 +72,36 @@ pub fn verify(a: &VerifyArgs) -> anyhow::Result<i32> {
             names.join(" <- ")
         );
     }
+    Ok(0)
+}
+
+/// A group image: its manifest, then every member's image whole.
+fn verify_group(dir: &std::path::Path, json: bool) -> anyhow::Result<i32> {
+    let (group, files, bytes) = cryo_checkpoint::group::manifest::verify_group_fully(dir)?;
+    let m = &group.manifest;
+    let ids: Vec<&str> = m.members.iter().map(|r| r.id.as_str()).collect();
+    if json {
+        let out = serde_json::json!({
+            "image": dir,
+            "verified": true,
+            "format": m.format,
+            "group": m.group,
+            "members": ids,
+            "created": m.created,
+            "files": files,
+            "bytes": bytes,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(0);
+    }
+    println!(
+        "{}: intact cryo group checkpoint of {} ({}), taken {}: {} files, {:.1} MiB verified",
+        dir.display(),
+        ids.join(", "),
+        m.format,
+        m.created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        files,
+        bytes as f64 / (1u64 << 20) as f64,
+    );
     Ok(0)
 }
