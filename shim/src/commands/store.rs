@@ -184,8 +184,11 @@ impl Writer<'_> {
                     println!("{}", g.summary());
                 }
                 Err(e) if interrupts.interrupted() => {
+                    // One line, as every line of this mode (the error names its log on a
+                    // line of its own).
+                    let why = format!("{e:#}").replace('\n', "; ");
                     println!(
-                        "stopped by a signal: the checkpoint in flight was abandoned ({e:#}); \
+                        "stopped by a signal: the checkpoint in flight was abandoned ({why}); \
                          {written} written"
                     );
                     return Ok(0);
