@@ -32,11 +32,30 @@ pub fn remove_tree_same_fs(path: &Path) -> io::Result<bool> {
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let parent_fd = open_dir(libc::AT_FDCWD, parent.as_os_str())?;
-    let top = open_dir(parent_fd.as_raw_fd(), name)?;
+    let top = match open_dir(parent_fd.as_raw_fd(), name) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        r => r?,
+    };
     let mount = mount_id(top.as_raw_fd(), c"")?;
-    clear(&top, mount, path)?;
-    unlink_at(parent_fd.as_raw_fd(), name, true)?;
-    Ok(true)
+    // Another remover (a guardian undoing the same staging) may empty or remove parts of the
+    // tree at the same time: what vanished is removed, and a directory that was filled again
+    // while it was cleared is cleared again.
+    let mut tries = 0;
+    loop {
+        clear(&top, mount, path)?;
+        match gone(unlink_at(parent_fd.as_raw_fd(), name, true)) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) && tries < 3 => tries += 1,
+            r => return r.map(|()| true),
+        }
+    }
+}
+
+/// A step on an entry that vanished meanwhile (removed by someone else) has nothing to do.
+fn gone<T: Default>(r: io::Result<T>) -> io::Result<T> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(T::default()),
+        r => r,
+    }
 }
 
 /// Remove everything in the directory `dir` (on mount `mount`); `shown` names it in errors.
@@ -44,22 +63,32 @@ fn clear(dir: &OwnedFd, mount: u64, shown: &Path) -> io::Result<()> {
     for name in list(dir)? {
         let cname = CString::new(name.as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "NUL in a file name"))?;
-        let st = lstat_at(dir.as_raw_fd(), &cname)?;
+        let st = match lstat_at(dir.as_raw_fd(), &cname) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            r => r?,
+        };
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-            unlink_at(dir.as_raw_fd(), &name, false)?;
+            gone(unlink_at(dir.as_raw_fd(), &name, false))?;
             continue;
         }
         let child_path = shown.join(&name);
-        if mount_id(dir.as_raw_fd(), &cname)? != mount {
+        let on = match mount_id(dir.as_raw_fd(), &cname) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            r => r?,
+        };
+        if on != mount {
             return Err(io::Error::other(MountInside(child_path)));
         }
-        let child = open_dir(dir.as_raw_fd(), &name)?;
+        let child = match open_dir(dir.as_raw_fd(), &name) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            r => r?,
+        };
         // A mount may have appeared between the two looks: check the opened directory too.
         if mount_id(child.as_raw_fd(), c"")? != mount {
             return Err(io::Error::other(MountInside(child_path)));
         }
         clear(&child, mount, &child_path)?;
-        unlink_at(dir.as_raw_fd(), &name, true)?;
+        gone(unlink_at(dir.as_raw_fd(), &name, true))?;
     }
     Ok(())
 }
@@ -186,6 +215,32 @@ pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Two removers of one tree at once (a group's guardian and a member's undoing the same
+    /// staging): both succeed and nothing is left.
+    #[test]
+    fn two_removers_at_once_both_succeed() {
+        for _ in 0..20 {
+            let t = tempfile::tempdir().unwrap();
+            let d = t.path().join("staging");
+            for m in 0..4 {
+                let member = d.join(format!("members/.m{m}.cryo-new-1"));
+                std::fs::create_dir_all(&member).unwrap();
+                for f in 0..50 {
+                    std::fs::write(member.join(format!("f{f}")), b"x").unwrap();
+                }
+            }
+            let inner = d.join("members/.m0.cryo-new-1");
+            let (a, b) = std::thread::scope(|s| {
+                let a = s.spawn(|| remove_tree_same_fs(&d));
+                let b = s.spawn(|| remove_tree_same_fs(&inner));
+                (a.join().unwrap(), b.join().unwrap())
+            });
+            a.unwrap();
+            b.unwrap();
+            assert!(!d.exists());
+        }
+    }
 
     #[test]
     fn removes_a_tree_and_reports_missing_as_false() {

@@ -502,3 +502,237 @@ fn a_member_whose_dump_fails_leaves_every_member_running() {
         );
     }
 }
+
+/// Coordinated checkpoints into a store (`checkpoint --store DIR --keep 2 ID1 ID2`, and with
+/// `--every` until SIGTERM): each generation holds the whole group. A writer SIGKILLed while the members are frozen leaves
+/// them running (the network unlocked) and no generation; `store ls` lists group generations;
+/// with the newest generation damaged (a flipped byte in a member's pages), `restore --store`
+/// falls back to the one before it, says so, and every connection continues from that cut.
+#[test]
+fn a_group_store_restores_the_newest_good_generation() {
+    let rt = Runtime::cryo();
+    let net = Net::new(2);
+    let members = start(&rt, &net, None);
+    let store = members[0].bundle.dir.join("group-store");
+    let store_arg = store.to_str().unwrap().to_string();
+    let ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
+    let mut write = vec!["checkpoint", "--store", &store_arg, "--keep", "2"];
+    write.push("--leave-running");
+    write.extend(&ids);
+    // Periodic mode: a generation of the group per interval, until SIGTERM.
+    let mut every = write.clone();
+    every.extend(["--every", "300ms"]);
+    let mut periodic = rt
+        .cmd()
+        .args(&every)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let said = Lines::from_stdout(periodic.stdout.take().unwrap());
+    let mut summaries = 0;
+    let end = Instant::now() + Duration::from_secs(60);
+    while summaries < 2 {
+        assert!(
+            Instant::now() < end,
+            "periodic mode wrote {summaries} generations in 60 s"
+        );
+        if let Some(l) = said.next(Duration::from_millis(500)) {
+            assert!(l.contains("group of"), "{l}");
+            summaries += 1;
+        }
+    }
+    cryo_tests::faults::signal(periodic.id() as i32, nix::sys::signal::Signal::SIGTERM);
+    assert!(periodic.wait().unwrap().success());
+    let last = said.drain(Duration::from_secs(5));
+    assert!(
+        last.last()
+            .is_some_and(|l| l.starts_with("stopped by a signal")),
+        "{last:?}"
+    );
+    let mut progress: Vec<Progress> = (0..2).map(|_| Progress::default()).collect();
+    let mut at_cut = Vec::new();
+    for _ in 0..3 {
+        for (i, m) in members.iter().enumerate() {
+            progress[i].read(&m.lines, &name(i), 1, Duration::from_secs(30));
+        }
+        at_cut.push(
+            progress
+                .iter()
+                .map(|p| p.last_seq.unwrap())
+                .collect::<Vec<_>>(),
+        );
+        let out = rt.run(&write);
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "group checkpoint into the store failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(said.contains("group of"), "the summary line: {said}");
+        for (i, m) in members.iter().enumerate() {
+            progress[i].read(&m.lines, &name(i), 2, Duration::from_secs(30));
+        }
+    }
+    let gens = store_ls(&rt, &store);
+    assert_eq!(gens.len(), 2, "--keep 2 kept: {gens:?}");
+    for g in &gens {
+        assert_eq!(g["kind"], "group", "{g}");
+        assert_eq!(g["verified"], true, "{g}");
+        let held: Vec<&str> = g["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert_eq!(held, ids);
+    }
+    let older = gens[0]["generation"].as_str().unwrap().to_string();
+    let newest = gens[1]["generation"].as_str().unwrap().to_string();
+
+    // A writer killed inside the group's freeze: no generation, every member running.
+    let m0_pid = rt.state(&members[0].id)["pid"].as_i64().unwrap();
+    let mut writer = cryo_tests::faults::spawn(&rt, &write);
+    let end = Instant::now() + Duration::from_secs(60);
+    while cryo_tests::cgroups::freezer_state(m0_pid) != "FROZEN" {
+        assert!(
+            writer.try_wait().unwrap().is_none(),
+            "the writer ended before the group froze"
+        );
+        assert!(Instant::now() < end, "the group never froze in 60 s");
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    cryo_tests::faults::signal(writer.id() as i32, nix::sys::signal::Signal::SIGKILL);
+    let _ = writer.wait();
+    for (i, m) in members.iter().enumerate() {
+        progress[i].read(&m.lines, &name(i), 3, Duration::from_secs(30));
+        assert_eq!(rt.state(&m.id)["status"], "running");
+    }
+    // The group's guardian removes the staging once it has unlocked the network.
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let debris: Vec<String> = std::fs::read_dir(&store)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.') && n.contains("cryo-new"))
+            .collect();
+        let rules: Vec<String> = (0..2).map(|i| net.rules(i)).collect();
+        let locked = rules
+            .iter()
+            .any(|r| r.contains("CRIU") || r.contains("cryo"));
+        if debris.is_empty() && !locked {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "20 s after the kill: staging {debris:?} holding {:?}, rules {rules:?}",
+            Command::new("find")
+                .arg(&store)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after_kill: Vec<String> = store_ls(&rt, &store)
+        .iter()
+        .map(|g| g["generation"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(after_kill, [older.clone(), newest.clone()]);
+
+    // A store of a group takes no single container's checkpoint.
+    let e = rt.fails(&[
+        "checkpoint",
+        "--store",
+        &store_arg,
+        "--leave-running",
+        ids[0],
+    ]);
+    assert!(e.contains("holds a group's checkpoints"), "{e}");
+
+    flip_a_byte_of_member_pages(&store.join(&newest), ids[0]);
+    crash(&rt, &net, &members);
+    for (i, m) in members.iter().enumerate() {
+        for l in m.lines.drain(Duration::from_secs(10)) {
+            if l.contains("ERROR") {
+                break; // its peer died first
+            }
+            progress[i].take(&l, &name(i), &mut 0);
+        }
+    }
+    let log = store.with_extension("log");
+    let mut cmd = rt.cmd();
+    cmd.arg("--log").arg(&log);
+    cmd.args(["restore", "-d", "--store", &store_arg]);
+    let restored = cryo_tests::runtime::spawn_with_pipe(cmd);
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        said.contains(&format!("restored generation {older}, not the newest"))
+            && said.contains(&newest),
+        "the restore does not say it fell back from {newest} to {older}: {said}"
+    );
+    // Generation `older` is the second of the three cuts (the first was pruned).
+    let cut = &at_cut[1];
+    let mut after: Vec<Progress> = (0..2).map(|_| Progress::default()).collect();
+    let mut lines_after = [0; 2];
+    let end = Instant::now() + Duration::from_secs(60);
+    while lines_after.iter().any(|&c| c < 3) {
+        assert!(
+            Instant::now() < end,
+            "the restored group made too little progress in 60 s: {after:?}"
+        );
+        let Some(l) = restored.next(Duration::from_millis(500)) else {
+            continue;
+        };
+        let who = l.split_whitespace().next().unwrap_or("").to_string();
+        if let Some(i) = (0..2).find(|&i| name(i) == who) {
+            after[i].take(&l, &who, &mut lines_after[i]);
+        }
+    }
+    for (i, m) in members.iter().enumerate() {
+        assert_eq!(rt.state(&m.id)["status"], "running");
+        let first = after[i].first_seq.unwrap();
+        // Past what was printed before that cut; the log above says which cut it was.
+        assert!(
+            first > cut[i] && first <= progress[i].last_seq.unwrap() + 100,
+            "{}: the restore starts at {first}, not within generation {older}'s cut (after {}, \
+             ran until {:?})",
+            name(i),
+            cut[i],
+            progress[i].last_seq
+        );
+    }
+    for l in collect(&restored, Duration::from_secs(1)) {
+        assert!(
+            !l.contains("ERROR"),
+            "the exchange broke after a while: {l}"
+        );
+    }
+}
+
+fn store_ls(rt: &Runtime, store: &Path) -> Vec<serde_json::Value> {
+    let out = rt.ok(&["store", "ls", "--format", "json", store.to_str().unwrap()]);
+    serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
+}
+
+/// Flip one byte in the middle of member `id`'s largest pages file in group image `dir`.
+fn flip_a_byte_of_member_pages(dir: &Path, id: &str) {
+    use std::os::unix::fs::FileExt;
+    let member = dir.join("members").join(id);
+    let largest = std::fs::read_dir(&member)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap_or_else(|| panic!("{} has no pages file", member.display()))
+        .path();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&largest)
+        .unwrap();
+    let at = f.metadata().unwrap().len() / 2;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+}

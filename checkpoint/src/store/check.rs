@@ -1,5 +1,7 @@
 //! The state of every generation of a store, each generation's own files checked once and its
 //! chain judged from its parent's state (parents are older: checked first, and remembered).
+//! A generation of a group store holds a group image ([`crate::group::manifest`]): its group
+//! manifest and every member's image are checked; a group generation is always full.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -7,6 +9,8 @@ use std::path::PathBuf;
 use chrono::{DateTime, Utc};
 
 use super::Generation;
+use crate::group::is_group_image;
+use crate::group::manifest::{check_group, GroupManifest};
 use crate::image::chain::parent_of;
 use crate::image::{verify_image_alone, Thoroughness};
 use crate::manifest::{self, Manifest};
@@ -29,8 +33,10 @@ pub struct GenerationInfo {
     pub seq: u64,
     /// Directory.
     pub dir: PathBuf,
-    /// Its manifest, when it could be read.
+    /// Its manifest, when it could be read (a single container's generation).
     pub manifest: Option<Manifest>,
+    /// Its group manifest, when it holds a group image that could be read.
+    pub group: Option<GroupManifest>,
     /// Its state.
     pub state: GenerationState,
     /// Bytes it occupies itself (not counting files it shares with its parent).
@@ -45,7 +51,10 @@ impl GenerationInfo {
 
     /// When it was completed.
     pub fn created(&self) -> Option<DateTime<Utc>> {
-        self.manifest.as_ref().map(|m| m.created)
+        match &self.group {
+            Some(g) => Some(g.created),
+            None => self.manifest.as_ref().map(|m| m.created),
+        }
     }
 
     /// Its parent generation, if it is incremental.
@@ -56,9 +65,21 @@ impl GenerationInfo {
             .map(|p| p.name.as_str())
     }
 
-    /// How long the container was frozen for it, in milliseconds.
+    /// How long the container (or the group, as a whole) was frozen for it, in milliseconds.
     pub fn frozen_ms(&self) -> Option<f64> {
-        self.manifest.as_ref().map(|m| m.timings.frozen_ms)
+        match &self.group {
+            Some(g) => Some(g.timings.frozen_ms),
+            None => self.manifest.as_ref().map(|m| m.timings.frozen_ms),
+        }
+    }
+
+    /// The containers it holds: the one checkpointed, or the group's members.
+    pub fn containers(&self) -> Vec<String> {
+        match (&self.group, &self.manifest) {
+            (Some(g), _) => g.members.iter().map(|m| m.id.clone()).collect(),
+            (None, Some(m)) => vec![m.container_id.clone()],
+            (None, None) => Vec::new(),
+        }
     }
 }
 
@@ -86,9 +107,14 @@ fn check_one(
         seq: g.seq,
         dir: g.dir.clone(),
         manifest: None,
+        group: None,
         state: GenerationState::Good,
         bytes: 0,
     };
+    if is_group_image(&g.dir) {
+        check_group_generation(&mut info, how);
+        return info;
+    }
     let own = verify_image_alone(&g.dir, how);
     info.manifest = match &own {
         Ok(v) => v.manifest.clone(),
@@ -130,6 +156,45 @@ fn check_one(
         },
     };
     info
+}
+
+/// A group generation: the group manifest binds each member's image, and each member's image
+/// checks out on its own (a member of a group generation has no parent).
+fn check_group_generation(info: &mut GenerationInfo, how: Thoroughness) {
+    let size = |p: PathBuf| std::fs::symlink_metadata(p).map(|m| m.len()).unwrap_or(0);
+    info.bytes = size(info.dir.join(crate::group::manifest::FILE));
+    let group = match check_group(&info.dir) {
+        Ok(g) => g.manifest,
+        Err(e) => {
+            info.group = GroupManifest::read(&info.dir).ok().flatten();
+            info.state = GenerationState::Bad(e.to_string());
+            return;
+        }
+    };
+    let mut problem = None;
+    for r in &group.members {
+        let dir = info.dir.join(&r.dir);
+        match verify_image_alone(&dir, how) {
+            Ok(v) => {
+                let m = v.manifest.as_ref();
+                info.bytes += m.map_or(0, |m| m.files.iter().map(|f| f.size).sum::<u64>())
+                    + size(dir.join(manifest::FILE));
+                if m.is_some_and(|m| m.parent.is_some()) && problem.is_none() {
+                    problem = Some(format!(
+                        "member {}'s image depends on a parent: a group generation holds full \
+                         images only",
+                        r.id
+                    ));
+                }
+            }
+            Err(e) if problem.is_none() => problem = Some(format!("member {}: {e}", r.id)),
+            Err(_) => {}
+        }
+    }
+    info.group = Some(group);
+    if let Some(why) = problem {
+        info.state = GenerationState::Bad(why);
+    }
 }
 
 /// Bytes a generation occupies itself: its files (less those it shares with its parent by

@@ -15,6 +15,8 @@
 //!   on ([`prune`]); a removed generation is first renamed out of the namespace (one rename),
 //!   so a killed prune leaves debris, never a generation that looks complete and is not.
 //! - Listing with the state of each generation: [`check`].
+//! - A store holds one container's generations or one group's ([`Holds`]): a group generation
+//!   is a group image ([`crate::group`]), always full, restored as a group.
 
 pub mod check;
 pub mod delta;
@@ -133,6 +135,25 @@ pub struct Generation {
     pub dir: PathBuf,
 }
 
+/// What a store's generations are checkpoints of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holds {
+    /// One container (`checkpoint --store DIR ID`).
+    Container,
+    /// A group (`checkpoint --store DIR ID1 ID2 …`).
+    Group,
+}
+
+impl Holds {
+    /// What it is, in words, for messages.
+    pub fn words(self) -> &'static str {
+        match self {
+            Self::Container => "one container's checkpoints",
+            Self::Group => "a group's checkpoints",
+        }
+    }
+}
+
 /// A store directory.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -206,6 +227,34 @@ impl Store {
             .collect();
         gens.sort_by(|a, b| a.seq.cmp(&b.seq).then_with(|| a.name.cmp(&b.name)));
         Ok(gens)
+    }
+
+    /// What the newest generation with a manifest holds (`None`: none has one yet). A
+    /// generation without any manifest (damaged) says nothing.
+    pub fn holds(&self) -> Result<Option<Holds>, StoreError> {
+        Ok(self.generations()?.iter().rev().find_map(|g| {
+            if crate::group::is_group_image(&g.dir) {
+                Some(Holds::Group)
+            } else if g.dir.join(crate::manifest::FILE).exists() {
+                Some(Holds::Container)
+            } else {
+                None
+            }
+        }))
+    }
+
+    /// Refuse to write a generation of `kind` into a store that holds the other kind: a
+    /// restore from the store must know whether it restores one container or a group.
+    pub fn check_holds(&self, kind: Holds) -> Result<(), StoreError> {
+        match self.holds()? {
+            Some(found) if found != kind => Err(StoreError::Unsupported(format!(
+                "checkpoint store {} holds {}, not {}: give this checkpoint a store of its own",
+                self.dir.display(),
+                found.words(),
+                kind.words()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The name of the next generation: one past the highest sequence number, and the time.
@@ -335,5 +384,26 @@ mod tests {
         s.remove(&g).unwrap();
         assert!(s.generations().unwrap().is_empty());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_store_holds_one_kind() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::create(d.path()).unwrap();
+        assert_eq!(s.holds().unwrap(), None);
+        s.check_holds(Holds::Group).unwrap();
+        // A generation with no manifest (damaged) says nothing.
+        std::fs::create_dir(d.path().join("gen-00000001-20261205T102233Z")).unwrap();
+        assert_eq!(s.holds().unwrap(), None);
+        let group = d.path().join("gen-00000002-20261205T102234Z");
+        std::fs::create_dir(&group).unwrap();
+        std::fs::write(group.join(crate::group::manifest::FILE), "{}").unwrap();
+        assert_eq!(s.holds().unwrap(), Some(Holds::Group));
+        s.check_holds(Holds::Group).unwrap();
+        let e = s.check_holds(Holds::Container).unwrap_err().to_string();
+        assert!(
+            e.contains("holds a group's checkpoints") && e.contains("a store of its own"),
+            "{e}"
+        );
     }
 }

@@ -92,6 +92,7 @@ mod tests {
             seq,
             dir: format!("g{seq}").into(),
             manifest: Some(m),
+            group: None,
             state: if good {
                 GenerationState::Good
             } else {

@@ -59,17 +59,11 @@ pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     // Every file this verb makes holds the container's memory or files: private.
     // SAFETY: umask only swaps the process's file-mode mask; it cannot fail.
     unsafe { libc::umask(0o077) };
-    if a.group.is_some() || !a.more_ids.is_empty() {
-        if a.store.is_some() {
-            bail!(
-                "--store takes one container; a group checkpoint goes to --image-path (a group \
-                 generation in a store is not built yet)"
-            );
-        }
-        return super::group::checkpoint(ctx, a);
-    }
     if a.store.is_some() {
         return super::store::checkpoint(ctx, a);
+    }
+    if a.group.is_some() || !a.more_ids.is_empty() {
+        return super::group::checkpoint(ctx, a);
     }
     let image_dir = image_dir(a.image_path.as_deref())?;
     let job = Job::load(ctx, a, image_dir)?;

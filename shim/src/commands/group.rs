@@ -11,11 +11,13 @@ use anyhow::{bail, Context as _};
 use cryo_cgroup::{freezer_for, ContainerCgroup};
 use cryo_checkpoint::criu::swrk::SwrkClient;
 use cryo_checkpoint::dump::DumpEnv;
-use cryo_checkpoint::group::manifest::{check_group, GroupManifest};
+use cryo_checkpoint::group::manifest::{check_group, GroupImageError, GroupManifest};
 use cryo_checkpoint::group::netlock::Iptables;
 use cryo_checkpoint::group::{
-    self, checkpoint_group, DumpSeams, GroupEnv, GroupRequest, Member, RestoreSeams,
+    self, checkpoint_group, DumpSeams, GroupEnv, GroupReport, GroupRequest, GroupRestoreCause,
+    GroupRestoreError, Member, RestoreSeams,
 };
+use cryo_checkpoint::restore::RestoreCause;
 use cryo_checkpoint::restore::{RestoreEnv, RestoreHost, RestoreReport};
 use cryo_checkpoint::signals::InterruptGuard;
 use cryo_oci::{Bundle, StoreLock, Verb};
@@ -28,7 +30,7 @@ use crate::context::Context;
 use crate::logging;
 
 /// The members named on the command line, or by `--group`.
-fn member_ids(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<Vec<String>> {
+pub(super) fn member_ids(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<Vec<String>> {
     let Some(name) = &a.group else {
         return Ok(a.container_id.iter().chain(&a.more_ids).cloned().collect());
     };
@@ -105,87 +107,139 @@ impl DumpSeams for CheckpointSeams<'_> {
 
 /// `checkpoint ID1 ID2 …` / `checkpoint --group NAME`
 pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
-    let ids = member_ids(ctx, a)?;
     // Every file this verb makes holds the members' memory or files: private.
     // SAFETY: umask only swaps the process's file-mode mask; it cannot fail.
     unsafe { libc::umask(0o077) };
-    let locks = lock_all(ctx, &ids)?;
-    let image_dir = image_dir(a.image_path.as_deref())?;
-    let mut members = Vec::new();
-    let mut cgroups = Vec::new();
-    for id in &ids {
-        // The group sets each member's image path inside its own.
-        let (req, cgroup) = request_for(ctx, a, id, image_dir.clone())?;
-        members.push(Member {
-            req,
-            cgroup: freezer_for(&cgroup).path().to_path_buf(),
-        });
-        cgroups.push(cgroup);
+    let job = GroupJob::load(ctx, a)?;
+    let report = job.run(ctx, a, image_dir(a.image_path.as_deref())?, false)?;
+    end_stopped(ctx, &report)?;
+    Ok(0)
+}
+
+/// A group checkpoint with every member's lock held and its request made (nothing touched).
+pub(super) struct GroupJob {
+    /// The members' ids, as named.
+    pub ids: Vec<String>,
+    locks: HashMap<String, StoreLock>,
+    members: Vec<Member>,
+    cgroups: Vec<ContainerCgroup>,
+}
+
+impl GroupJob {
+    /// Lock every member and make its request.
+    pub fn load(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<Self> {
+        let ids = member_ids(ctx, a)?;
+        let locks = lock_all(ctx, &ids)?;
+        let mut members = Vec::new();
+        let mut cgroups = Vec::new();
+        for id in &ids {
+            // The group sets each member's image path inside its own.
+            let (req, cgroup) = request_for(ctx, a, id, std::path::PathBuf::new())?;
+            members.push(Member {
+                req,
+                cgroup: freezer_for(&cgroup).path().to_path_buf(),
+            });
+            cgroups.push(cgroup);
+        }
+        Ok(Self {
+            ids,
+            locks,
+            members,
+            cgroups,
+        })
     }
-    let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
-    let interrupted = || cryo_checkpoint::signals::interrupted();
-    let seams = CheckpointSeams {
-        ctx,
-        ids: ids.clone(),
-        cgroups,
-        locks,
-        criu_timeout: a.criu_timeout,
-        interrupted: &interrupted,
-    };
-    let netlock = Iptables::default();
-    let launcher = super::guardian::Launcher::new(ctx);
-    let env = GroupEnv {
-        guardian: &launcher,
-        interrupted: &interrupted,
-        netlock: &netlock,
-    };
-    let req = GroupRequest {
-        image_dir,
-        name: a.group.clone(),
-        lock_network: a.network_lock.as_deref() != Some("skip"),
-        freeze_timeout: a.freeze_timeout.map(Duration::from_secs),
-        criu_timeout: Duration::from_secs(a.criu_timeout),
-    };
-    let report = checkpoint_group(&req, members, &seams, &env)?;
-    drop(interrupts);
-    for w in report
-        .warnings
-        .iter()
-        .chain(report.members.iter().flat_map(|m| &m.warnings))
-    {
-        logging::log("warning", w);
+
+    /// Take the coordinated checkpoint into `image_dir` (every member left running too when
+    /// `leave_running`), log what it did, and release the members' locks.
+    pub fn run(
+        self,
+        ctx: &Context,
+        a: &CheckpointArgs,
+        image_dir: std::path::PathBuf,
+        leave_running: bool,
+    ) -> anyhow::Result<GroupReport> {
+        let Self {
+            ids,
+            locks,
+            mut members,
+            cgroups,
+        } = self;
+        for m in &mut members {
+            m.req.image_dir.clone_from(&image_dir);
+            m.req.flags.leave_running |= leave_running;
+        }
+        let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
+        let interrupted = || cryo_checkpoint::signals::interrupted();
+        let seams = CheckpointSeams {
+            ctx,
+            ids: ids.clone(),
+            cgroups,
+            locks,
+            criu_timeout: a.criu_timeout,
+            interrupted: &interrupted,
+        };
+        let netlock = Iptables::default();
+        let launcher = super::guardian::Launcher::new(ctx);
+        let env = GroupEnv {
+            guardian: &launcher,
+            interrupted: &interrupted,
+            netlock: &netlock,
+        };
+        let req = GroupRequest {
+            image_dir,
+            name: a.group.clone(),
+            lock_network: a.network_lock.as_deref() != Some("skip"),
+            freeze_timeout: a.freeze_timeout.map(Duration::from_secs),
+            criu_timeout: Duration::from_secs(a.criu_timeout),
+        };
+        let report = checkpoint_group(&req, members, &seams, &env)?;
+        drop(interrupts);
+        for w in report
+            .warnings
+            .iter()
+            .chain(report.members.iter().flat_map(|m| &m.warnings))
+        {
+            logging::log("warning", w);
+        }
+        let t = &report.manifest.timings;
+        let each: Vec<String> = report
+            .manifest
+            .members
+            .iter()
+            .map(|m| format!("{} {:.1} ms", m.id, m.frozen_ms))
+            .collect();
+        logging::log(
+            "debug",
+            &format!(
+                "checkpointed group {} into {}: frozen {:.1} ms as a group ({}), network lock {:.1} ms, unlock {:.1} ms, dumps {:.1} ms, total {:.1} ms",
+                ids.join(", "),
+                report.image_dir.display(),
+                t.frozen_ms,
+                each.join(", "),
+                t.lock_ms,
+                t.unlock_ms,
+                t.dump_ms,
+                t.total_ms
+            ),
+        );
+        Ok(report)
     }
-    let t = &report.manifest.timings;
-    let each: Vec<String> = report
-        .manifest
-        .members
-        .iter()
-        .map(|m| format!("{} {:.1} ms", m.id, m.frozen_ms))
-        .collect();
-    logging::log(
-        "debug",
-        &format!(
-            "checkpointed group {} into {}: frozen {:.1} ms as a group ({}), network lock {:.1} ms, unlock {:.1} ms, dumps {:.1} ms, total {:.1} ms",
-            ids.join(", "),
-            report.image_dir.display(),
-            t.frozen_ms,
-            each.join(", "),
-            t.lock_ms,
-            t.unlock_ms,
-            t.dump_ms,
-            t.total_ms
-        ),
-    );
-    drop(seams);
-    for (id, m) in ids.iter().zip(&report.members) {
-        if m.stopped {
-            // runc semantics: a checkpoint without --leave-running ends the container.
-            delete_settling(ctx, id, Verb::ForceDelete, true).with_context(|| {
-                format!("group checkpoint done, but removing container {id} failed")
+}
+
+/// runc semantics: a checkpoint without --leave-running ends the container; each member the
+/// group checkpoint stopped is removed.
+pub(super) fn end_stopped(ctx: &Context, report: &GroupReport) -> anyhow::Result<()> {
+    for (m, r) in report.manifest.members.iter().zip(&report.members) {
+        if r.stopped {
+            delete_settling(ctx, &m.id, Verb::ForceDelete, true).with_context(|| {
+                format!(
+                    "group checkpoint done, but removing container {} failed",
+                    m.id
+                )
             })?;
         }
     }
-    Ok(0)
+    Ok(())
 }
 
 /// `OLD=NEW` pairs.
@@ -354,6 +408,22 @@ pub fn restore(ctx: &Context, a: &RestoreArgs, image_dir: &Path) -> anyhow::Resu
         ),
     );
     Ok(0)
+}
+
+/// Why the group image was refused, when that is why a group restore failed: its group
+/// manifest, or a member's image, did not check out, and no member runs from it.
+pub(super) fn image_refused(e: &anyhow::Error) -> Option<String> {
+    if let Some(g) = e.downcast_ref::<GroupImageError>() {
+        return Some(g.to_string());
+    }
+    let g = e.downcast_ref::<GroupRestoreError>()?;
+    match &g.cause {
+        GroupRestoreCause::Member(r) => match r.cause.as_ref() {
+            RestoreCause::Image(why) => Some(why.to_string()),
+            _ => None,
+        },
+        GroupRestoreCause::Group(_) => None,
+    }
 }
 
 fn member_list(m: &GroupManifest) -> String {

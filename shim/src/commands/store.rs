@@ -7,44 +7,55 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use cryo_checkpoint::dump::DumpReport;
+use cryo_checkpoint::group::GroupReport;
 use cryo_checkpoint::image::Thoroughness;
 use cryo_checkpoint::manifest::Manifest;
 use cryo_checkpoint::signals::InterruptGuard;
 use cryo_checkpoint::store::check::check_all;
 use cryo_checkpoint::store::prune::{prune, Pruned};
 use cryo_checkpoint::store::{
-    choose_parent, GenerationInfo, GenerationState, LockMode, Policy, Store,
+    choose_parent, GenerationInfo, GenerationState, Holds, LockMode, Policy, Store,
 };
 use cryo_oci::state::lock_timeout;
 
 use super::checkpoint::Job;
+use super::group::GroupJob;
 use crate::cli::{CheckpointArgs, RestoreArgs, StoreCommand, StoreLsArgs};
 use crate::context::Context;
 use crate::logging;
 
-/// `checkpoint --store DIR [--keep N] [--every DURATION] [--full-every N]`.
+/// `checkpoint --store DIR [--keep N] [--every DURATION] [--full-every N] ID…`: one
+/// container's generations, or a group's (several ids, or `--group`).
 pub fn checkpoint(ctx: &Context, a: &CheckpointArgs) -> anyhow::Result<i32> {
     let dir = a.store.as_deref().context("--store is missing")?;
     refuse_unsupported(a)?;
-    let id = super::checkpoint::container_id(a)?;
+    let holds = if a.group.is_some() || !a.more_ids.is_empty() {
+        Holds::Group
+    } else {
+        Holds::Container
+    };
+    let what = match (holds, &a.group) {
+        (Holds::Group, Some(name)) => format!("group {name}"),
+        (Holds::Group, None) => "the group".to_string(),
+        (Holds::Container, _) => format!("container {}", super::checkpoint::container_id(a)?),
+    };
     let every = a.every.as_deref().map(parse_duration).transpose()?;
-    let store = Store::create(dir)
-        .with_context(|| format!("cannot checkpoint container {id} into a store"))?;
+    let store =
+        Store::create(dir).with_context(|| format!("cannot checkpoint {what} into a store"))?;
+    store.check_holds(holds)?;
     let interrupts = InterruptGuard::install().context("cannot install signal handlers")?;
     let mut w = Writer {
         ctx,
         a,
         store,
+        holds,
         trusted: None,
         periodic: every.is_some(),
     };
     let Some(every) = every else {
         let g = w.generation(&|| interrupts.interrupted())?;
         println!("{}", g.summary());
-        if g.report.stopped {
-            super::delete_settling(ctx, id, cryo_oci::Verb::ForceDelete, true)
-                .with_context(|| format!("checkpoint done, but removing container {id} failed"))?;
-        }
+        g.end_stopped(ctx)?;
         return Ok(0);
     };
     w.periodic(every, &interrupts)
@@ -106,27 +117,47 @@ struct Writer<'c> {
     ctx: &'c Context,
     a: &'c CheckpointArgs,
     store: Store,
+    /// One container's generations, or a group's.
+    holds: Holds,
     /// The generation this process wrote last (verified when written).
     trusted: Option<String>,
     /// `--every`: the container is always left running.
     periodic: bool,
 }
 
+/// A checkpoint loaded (its containers locked), waiting for the store to name its generation.
+enum Loaded {
+    Container(Box<Job>),
+    Group(GroupJob),
+}
+
 /// One generation written.
 struct Written {
     name: String,
-    report: DumpReport,
+    /// "full (…)", "incremental over …", "group of a, b".
+    kind: String,
+    frozen_ms: f64,
+    bytes: u64,
+    created: Option<chrono::DateTime<chrono::Utc>>,
+    /// The containers the checkpoint stopped (none with --leave-running).
+    stopped: Vec<String>,
     pruned: Pruned,
-    why_full: Option<String>,
     took: Duration,
 }
 
 impl Writer<'_> {
-    /// Write one generation: container lock, then the store's, then choose the parent,
+    /// Write one generation: the containers' locks, then the store's, then choose the parent,
     /// checkpoint, prune.
     fn generation(&mut self, interrupted: &dyn Fn() -> bool) -> anyhow::Result<Written> {
         let t = Instant::now();
-        let mut job = Job::load(self.ctx, self.a, self.store.dir().join("pending"))?;
+        let loaded = match self.holds {
+            Holds::Container => Loaded::Container(Box::new(Job::load(
+                self.ctx,
+                self.a,
+                self.store.dir().join("pending"),
+            )?)),
+            Holds::Group => Loaded::Group(GroupJob::load(self.ctx, self.a)?),
+        };
         let _lock = self.store.lock(LockMode::Exclusive, lock_timeout())?;
         for d in self.store.remove_debris() {
             logging::log(
@@ -134,9 +165,39 @@ impl Writer<'_> {
                 &format!("removed {d}, left by a cryo that was killed"),
             );
         }
+        // Under the lock: another writer may have written the other kind meanwhile.
+        self.store.check_holds(self.holds)?;
         let gens = self.store.generations()?;
+        let name = Store::next_name(&gens, chrono::Utc::now());
+        let image_dir = self.store.dir().join(&name);
+        let mut written = match loaded {
+            Loaded::Container(job) => self.container(*job, &gens, image_dir, interrupted)?,
+            Loaded::Group(job) => {
+                let report = job.run(self.ctx, self.a, image_dir, self.periodic)?;
+                Written::of_group(&report)
+            }
+        };
+        written.name.clone_from(&name);
+        self.trusted = Some(name.clone());
+        if let Some(keep) = self.a.keep {
+            written.pruned = prune(&self.store, keep).with_context(|| {
+                format!("generation {name} was written, but pruning the store failed")
+            })?;
+        }
+        written.took = t.elapsed();
+        Ok(written)
+    }
+
+    /// One container's generation, an increment of the parent the store chooses.
+    fn container(
+        &self,
+        mut job: Job,
+        gens: &[cryo_checkpoint::store::Generation],
+        image_dir: std::path::PathBuf,
+        interrupted: &dyn Fn() -> bool,
+    ) -> anyhow::Result<Written> {
         let choice = choose_parent(
-            &gens,
+            gens,
             self.trusted.as_deref(),
             Policy {
                 full_every: self.a.full_every,
@@ -145,37 +206,22 @@ impl Writer<'_> {
         for n in &choice.notes {
             logging::log("warning", n);
         }
-        let name = Store::next_name(&gens, chrono::Utc::now());
-        job.req.image_dir = self.store.dir().join(&name);
+        job.req.image_dir = image_dir;
         job.req.parent = choice.parent;
         if self.periodic {
             job.req.flags.leave_running = true;
         }
         let report = job.run(self.ctx, interrupted)?;
-        self.trusted = Some(name.clone());
-        let pruned = match self.a.keep {
-            Some(keep) => prune(&self.store, keep).with_context(|| {
-                format!("generation {name} was written, but pruning the store failed")
-            })?,
-            None => Pruned::default(),
-        };
-        Ok(Written {
-            name,
-            report,
-            pruned,
-            why_full: choice.why_full,
-            took: t.elapsed(),
-        })
+        Ok(Written::of_container(&report, choice.why_full.as_deref()))
     }
 
-    /// `--every`: a generation per interval until the container stops or a signal arrives.
+    /// `--every`: a generation per interval until a container stops or a signal arrives.
     fn periodic(&mut self, every: Duration, interrupts: &InterruptGuard) -> anyhow::Result<i32> {
-        let id = super::checkpoint::container_id(self.a)?.to_string();
         let mut written = 0u64;
         loop {
             let started = Instant::now();
-            if let Some(why) = ended(self.ctx, &id) {
-                println!("container {id} {why}: periodic checkpoints end ({written} written)");
+            if let Some(why) = self.ended()? {
+                println!("{why}: periodic checkpoints end ({written} written)");
                 return Ok(0);
             }
             match self.generation(&|| interrupts.interrupted()) {
@@ -194,10 +240,8 @@ impl Writer<'_> {
                     return Ok(0);
                 }
                 Err(e) => {
-                    if let Some(why) = ended(self.ctx, &id) {
-                        println!(
-                            "container {id} {why}: periodic checkpoints end ({written} written)"
-                        );
+                    if let Some(why) = self.ended()? {
+                        println!("{why}: periodic checkpoints end ({written} written)");
                         return Ok(0);
                     }
                     if written == 0 {
@@ -225,6 +269,17 @@ impl Writer<'_> {
             }
         }
     }
+
+    /// Why the periodic checkpoints end (a container, or a group member, is gone or stopped).
+    fn ended(&self) -> anyhow::Result<Option<String>> {
+        let ids = match self.holds {
+            Holds::Container => vec![super::checkpoint::container_id(self.a)?.to_string()],
+            Holds::Group => super::group::member_ids(self.ctx, self.a)?,
+        };
+        Ok(ids
+            .iter()
+            .find_map(|id| ended(self.ctx, id).map(|why| format!("container {id} {why}"))))
+    }
 }
 
 /// Why the container can no longer be checkpointed (gone, or stopped), if so.
@@ -237,9 +292,8 @@ fn ended(ctx: &Context, id: &str) -> Option<&'static str> {
 }
 
 impl Written {
-    /// One line: the generation, what it is, the freeze, the bytes written, the time.
-    fn summary(&self) -> String {
-        let m = self.report.manifest.as_ref();
+    fn of_container(report: &DumpReport, why_full: Option<&str>) -> Self {
+        let m = report.manifest.as_ref();
         let kind = match m.and_then(|m| m.parent.as_ref()) {
             Some(p) => format!(
                 "incremental over {} ({} changed, {} in the parent)",
@@ -247,16 +301,84 @@ impl Written {
                 size(p.pages_written),
                 size(p.pages_in_parent)
             ),
-            None => format!("full ({})", self.why_full.as_deref().unwrap_or("no parent")),
+            None => format!("full ({})", why_full.unwrap_or("no parent")),
         };
-        let frozen = m.map_or(0.0, |m| m.timings.frozen_ms);
+        Self {
+            name: String::new(),
+            kind,
+            frozen_ms: m.map_or(0.0, |m| m.timings.frozen_ms),
+            bytes: m.map_or(0, written_bytes),
+            created: m.map(|m| m.created),
+            stopped: if report.stopped {
+                m.map(|m| m.container_id.clone()).into_iter().collect()
+            } else {
+                Vec::new()
+            },
+            pruned: Pruned::default(),
+            took: Duration::ZERO,
+        }
+    }
+
+    fn of_group(report: &GroupReport) -> Self {
+        let ids: Vec<&str> = report
+            .manifest
+            .members
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect();
+        let each: Vec<String> = report
+            .manifest
+            .members
+            .iter()
+            .map(|m| format!("{} {:.0} ms", m.id, m.frozen_ms))
+            .collect();
+        Self {
+            name: String::new(),
+            kind: format!(
+                "group of {} (each frozen: {})",
+                ids.join(", "),
+                each.join(", ")
+            ),
+            frozen_ms: report.manifest.timings.frozen_ms,
+            bytes: report
+                .members
+                .iter()
+                .filter_map(|r| r.manifest.as_ref())
+                .map(written_bytes)
+                .sum(),
+            created: Some(report.manifest.created),
+            stopped: report
+                .manifest
+                .members
+                .iter()
+                .zip(&report.members)
+                .filter(|(_, r)| r.stopped)
+                .map(|(m, _)| m.id.clone())
+                .collect(),
+            pruned: Pruned::default(),
+            took: Duration::ZERO,
+        }
+    }
+
+    /// runc semantics: a checkpoint without --leave-running ends the containers it stopped.
+    fn end_stopped(&self, ctx: &Context) -> anyhow::Result<()> {
+        for id in &self.stopped {
+            super::delete_settling(ctx, id, cryo_oci::Verb::ForceDelete, true)
+                .with_context(|| format!("checkpoint done, but removing container {id} failed"))?;
+        }
+        Ok(())
+    }
+
+    /// One line: the generation, what it is, the freeze, the bytes written, the time.
+    fn summary(&self) -> String {
         let mut line = format!(
-            "{}: {kind}; frozen {frozen:.0} ms, wrote {}, took {:.2} s, at {}",
+            "{}: {}; frozen {:.0} ms, wrote {}, took {:.2} s, at {}",
             self.name,
-            size(m.map_or(0, written_bytes)),
+            self.kind,
+            self.frozen_ms,
+            size(self.bytes),
             self.took.as_secs_f64(),
-            m.map_or_else(String::new, |m| m
-                .created
+            self.created.map_or_else(String::new, |c| c
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         );
         if !self.pruned.removed.is_empty() {
@@ -280,6 +402,9 @@ fn written_bytes(m: &Manifest) -> u64 {
 /// named with the reason.
 pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     let dir = a.store.as_deref().context("--store is missing")?;
+    if Store::open(dir)?.holds()? == Some(Holds::Group) {
+        return restore_group(ctx, a, dir);
+    }
     let lock = ctx.store.lock(super::restore::container_id(a)?)?;
     let store = Store::open(dir)?;
     // Shared: no writer prunes a generation while it is verified and read.
@@ -345,6 +470,68 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> anyhow::Result<i32> {
     )
 }
 
+/// `restore --store DIR -d` of a group store: the newest group generation that checks out
+/// and restores, every member together ([`super::group::restore`]); a generation whose image
+/// is refused (before any member runs from it) is passed over, with the reason.
+fn restore_group(ctx: &Context, a: &RestoreArgs, dir: &Path) -> anyhow::Result<i32> {
+    let store = Store::open(dir)?;
+    // Shared: no writer prunes a generation while it is verified and read. (The members'
+    // locks are taken inside, after this one: a writer takes them before the store's, and
+    // both waits are bounded, so the two never hang on each other.)
+    let store_lock = store.lock(LockMode::Shared, lock_timeout())?;
+    let gens = store.generations()?;
+    let mut reasons = Vec::new();
+    for info in check_all(&gens, Thoroughness::Sizes).iter().rev() {
+        let why = match &info.state {
+            GenerationState::Bad(why) => why.clone(),
+            GenerationState::Good => match super::group::restore(ctx, a, &info.dir) {
+                Ok(code) => {
+                    drop(store_lock);
+                    if !reasons.is_empty() {
+                        logging::log(
+                            "warning",
+                            &format!(
+                                "restored generation {}, not the newest: {}",
+                                info.name,
+                                reasons.join("; ")
+                            ),
+                        );
+                    }
+                    logging::log("debug", &format!("restored generation {}", info.name));
+                    return Ok(code);
+                }
+                Err(e) => match super::group::image_refused(&e) {
+                    Some(why) => why,
+                    None => {
+                        return Err(e.context(format!(
+                            "restoring generation {} of store {}",
+                            info.name,
+                            store.dir().display()
+                        )))
+                    }
+                },
+            },
+        };
+        logging::log(
+            "warning",
+            &format!(
+                "generation {} cannot be restored, falling back to the one before it: {why}",
+                info.name
+            ),
+        );
+        reasons.push(format!("{}: {why}", info.name));
+    }
+    bail!(
+        "no generation of checkpoint store {} can be restored ({}); nothing was changed",
+        store.dir().display(),
+        if reasons.is_empty() {
+            "it holds none".to_string()
+        } else {
+            reasons.join("; ")
+        }
+    )
+}
+
 /// `store …`
 pub fn store(c: StoreCommand) -> anyhow::Result<i32> {
     match c {
@@ -386,6 +573,7 @@ fn json_row(g: &GenerationInfo) -> serde_json::Value {
         "pages_written": m.and_then(|m| m.parent.as_ref()).map(|p| p.pages_written),
         "pages_in_parent": m.and_then(|m| m.parent.as_ref()).map(|p| p.pages_in_parent),
         "container": m.map(|m| m.container_id.clone()),
+        "containers": g.containers(),
         "verified": g.is_good(),
         "problem": match &g.state {
             GenerationState::Good => None,
@@ -395,6 +583,9 @@ fn json_row(g: &GenerationInfo) -> serde_json::Value {
 }
 
 fn kind(g: &GenerationInfo) -> &'static str {
+    if g.group.is_some() {
+        return "group";
+    }
     match (&g.manifest, g.parent()) {
         (None, _) => "?",
         (Some(_), Some(_)) => "incremental",
