@@ -187,8 +187,15 @@ pub struct Manifest {
 pub struct PagesRecord {
     /// Bytes of pages received from CRIU.
     pub received_bytes: u64,
-    /// Of those, bytes that landed in pages faulted in before the freeze.
+    /// Of those, bytes that landed in staged memory (or page cache).
     pub staged_bytes: u64,
+    /// Bytes of staged memory faulted in before the freeze (staging stops when the freeze
+    /// begins). Informational: absent in older manifests.
+    #[serde(default)]
+    pub prefaulted_bytes: u64,
+    /// How the pages were staged: "memory" or "page-cache". Informational.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub staging: String,
 }
 
 /// Reading a manifest failed.
@@ -357,6 +364,8 @@ pub(crate) mod tests {
             pages: Some(PagesRecord {
                 received_bytes: 8192,
                 staged_bytes: 4096,
+                prefaulted_bytes: 4096,
+                staging: "memory".into(),
             }),
             timings: Timings::default(),
             gpu: Some(crate::gpu::GpuRecord {

@@ -15,6 +15,7 @@
 //! backed fragments (`nr_free_pages_blocks` in /proc/vmstat stays put).
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{Advice, MmapMut};
 
@@ -22,7 +23,18 @@ use memmap2::{Advice, MmapMut};
 /// the mapping, or `None` (the file cut back to empty) where the file system cannot map or
 /// populate it: writing is then only slower, never wrong.
 pub fn map_prefaulted(file: &File, bytes: u64) -> Option<MmapMut> {
-    if bytes == 0 || !fill_page_cache(file, bytes) {
+    map_prefaulted_until(file, bytes, &AtomicBool::new(false))
+}
+
+/// [`map_prefaulted`], stopping early when `stop` is set: the mapping then covers the part
+/// that was filled (possibly none).
+pub fn map_prefaulted_until(file: &File, bytes: u64, stop: &AtomicBool) -> Option<MmapMut> {
+    let filled = match fill_with_zeros(file, bytes, stop) {
+        Ok(n) => n / PAGE * PAGE,
+        Err(_) => 0,
+    };
+    if filled == 0 || file.set_len(filled).is_err() {
+        let _ = file.set_len(0);
         return None;
     }
     // SAFETY: callers pass a file they just created under a private name; nothing else
@@ -36,6 +48,8 @@ pub fn map_prefaulted(file: &File, bytes: u64) -> Option<MmapMut> {
         }
     }
 }
+
+const PAGE: u64 = 4096;
 
 /// The write size that keeps page-cache folios small (see the module doc). Also the buffer
 /// size of cryo's other writers of fresh files: the rootfs changeset, decompressed page
@@ -61,23 +75,24 @@ impl<W: std::io::Write> std::io::Write for SmallWrites<W> {
 /// Give `file` (new and empty) `bytes` of zeroed page cache through the write path,
 /// `WRITE_CHUNK` at a time. On failure (no space) the file is cut back to empty.
 pub fn fill_page_cache(file: &File, bytes: u64) -> bool {
-    let filled = fill_with_zeros(file, bytes).is_ok();
+    let filled = fill_with_zeros(file, bytes, &AtomicBool::new(false)).is_ok_and(|n| n == bytes);
     if !filled {
         let _ = file.set_len(0);
     }
     filled
 }
 
-fn fill_with_zeros(file: &File, bytes: u64) -> std::io::Result<()> {
+/// Write zeros up to `bytes`, or until `stop` is set; how many were written.
+fn fill_with_zeros(file: &File, bytes: u64, stop: &AtomicBool) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     let zeros = vec![0u8; WRITE_CHUNK];
     let mut off = 0u64;
-    while off < bytes {
+    while off < bytes && !stop.load(Ordering::Relaxed) {
         let n = (bytes - off).min(WRITE_CHUNK as u64) as usize;
         file.write_all_at(&zeros[..n], off)?;
         off += n as u64;
     }
-    Ok(())
+    Ok(off)
 }
 
 #[cfg(test)]
@@ -99,6 +114,20 @@ mod tests {
         assert_eq!(map.len(), 3 * 4096);
         assert_eq!(f.metadata().unwrap().len(), 3 * 4096);
         assert!(map.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_stopped_fill_maps_nothing_and_leaves_the_file_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .unwrap();
+        assert!(map_prefaulted_until(&f, 3 * 4096, &AtomicBool::new(true)).is_none());
+        assert_eq!(f.metadata().unwrap().len(), 0);
     }
 
     #[test]

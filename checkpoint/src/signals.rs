@@ -2,11 +2,15 @@
 //! before it thaws the container: for the duration of a verb those signals only raise a flag,
 //! which the engine checks between steps (it aborts and thaws at the next one).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Guards alive: only the outermost one starts with the flag down, so that a signal that
+/// arrived while an outer guard lived (between two generations of `--every`) is not lost
+/// when a step installs its own.
+static GUARDS: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn raise_flag(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
@@ -22,7 +26,9 @@ pub struct InterruptGuard {
 impl InterruptGuard {
     /// Install the flag handlers.
     pub fn install() -> std::io::Result<Self> {
-        INTERRUPTED.store(false, Ordering::SeqCst);
+        if GUARDS.load(Ordering::SeqCst) == 0 {
+            INTERRUPTED.store(false, Ordering::SeqCst);
+        }
         // No SA_RESTART: a blocking read of CRIU's socket returns EINTR, the transport
         // retries, and the engine sees the flag as soon as CRIU's step is over.
         let action = SigAction::new(
@@ -36,6 +42,7 @@ impl InterruptGuard {
             let old = unsafe { sigaction(s, &action) }.map_err(std::io::Error::from)?;
             previous.push((s, old));
         }
+        GUARDS.fetch_add(1, Ordering::SeqCst);
         Ok(Self { previous })
     }
 
@@ -47,6 +54,7 @@ impl InterruptGuard {
 
 impl Drop for InterruptGuard {
     fn drop(&mut self) {
+        GUARDS.fetch_sub(1, Ordering::SeqCst);
         for (s, old) in self.previous.drain(..) {
             // SAFETY: restores the disposition that was in place before install().
             let _ = unsafe { sigaction(s, &old) };
@@ -54,7 +62,27 @@ impl Drop for InterruptGuard {
     }
 }
 
-/// Whether an interrupt arrived since the last [`InterruptGuard::install`].
+/// Whether an interrupt arrived since the outermost [`InterruptGuard::install`].
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_nested_guard_keeps_a_signal_the_outer_one_caught() {
+        let outer = InterruptGuard::install().unwrap();
+        assert!(!outer.interrupted());
+        nix::sys::signal::raise(Signal::SIGHUP).unwrap();
+        assert!(outer.interrupted());
+        let inner = InterruptGuard::install().unwrap();
+        assert!(inner.interrupted(), "the step's own guard lost the signal");
+        drop(inner);
+        drop(outer);
+        let fresh = InterruptGuard::install().unwrap();
+        assert!(!fresh.interrupted(), "a new verb starts with the flag down");
+    }
 }

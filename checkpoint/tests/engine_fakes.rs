@@ -140,7 +140,7 @@ fn setup(name: &str, initial: &str) -> (PathBuf, DumpRequest) {
         snapshot: SnapshotMode::Auto,
         compress_pages: false,
         // The fake CRIU does not speak the page-server protocol.
-        stage_pages: false,
+        stage_pages: None,
         freeze_timeout: Some(Duration::from_secs(1)),
         criu_timeout: Duration::from_secs(60),
         failure_log_dir: Some(dir.clone()),

@@ -183,7 +183,7 @@ fn fixture(name: &str, n: usize, leave_running: bool) -> Fixture {
             },
             snapshot: SnapshotMode::None,
             compress_pages: false,
-            stage_pages: false,
+            stage_pages: None,
             freeze_timeout: None,
             criu_timeout: Duration::from_secs(60),
             failure_log_dir: Some(base.clone()),

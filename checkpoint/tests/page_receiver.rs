@@ -7,10 +7,13 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use cryo_checkpoint::image::digest::digest_file;
 use cryo_checkpoint::page_receiver::protocol::{
     self, encode, Command, Dest, PAGE_SIZE, PE_PARENT, PE_PRESENT,
 };
-use cryo_checkpoint::page_receiver::{Estimate, PageReceiver};
+use cryo_checkpoint::page_receiver::{Estimate, Mode, PageReceiver};
+
+const MODES: [Mode; 2] = [Mode::Memory, Mode::PageCache];
 
 /// A page whose bytes tell which task and page they are.
 fn page(task: u8, n: u64) -> Vec<u8> {
@@ -72,6 +75,12 @@ fn names(dir: &Path) -> Vec<String> {
 
 #[test]
 fn images_match_what_criu_writes_staged_overflowing_and_unstaged() {
+    for mode in MODES {
+        images_match(mode);
+    }
+}
+
+fn images_match(mode: Mode) {
     let dir = tempfile::tempdir().unwrap();
     // Task 1 is staged for 2 pages but sends 5 (the overflow is written unstaged); task 9 is
     // staged but never sent; task 3 and the shmem segment were not expected at all.
@@ -85,8 +94,8 @@ fn images_match_what_criu_writes_staged_overflowing_and_unstaged() {
             bytes: 4 * PAGE_SIZE,
         },
     ];
-    let (receiver, criu_end) = PageReceiver::start(dir.path(), estimates).unwrap();
-    receiver.wait_staged(std::time::Duration::from_secs(5));
+    let (receiver, criu_end) = PageReceiver::start(dir.path(), estimates, mode).unwrap();
+    receiver.wait_staged();
     let mut sk = UnixStream::from(criu_end);
     let t1 = [
         (0x40_0000, 3, PE_PRESENT),
@@ -111,6 +120,12 @@ fn images_match_what_criu_writes_staged_overflowing_and_unstaged() {
         "only task 1's first 2 pages were staged"
     );
     assert_eq!(summary.pagemaps, 3);
+    assert_eq!(
+        summary.prefaulted_bytes,
+        6 * PAGE_SIZE,
+        "tasks 1 and 9, {mode:?}"
+    );
+    check_digests(dir.path(), &summary.digests, mode, 3);
     let read = |n: &str| std::fs::read(dir.path().join(n)).unwrap();
     assert_eq!(read("pagemap-1.img"), expected_pagemap(1, &t1));
     assert_eq!(read("pages-1.img"), expected_pages(1, 5));
@@ -132,8 +147,68 @@ fn images_match_what_criu_writes_staged_overflowing_and_unstaged() {
     );
 }
 
+/// Memory staging hashes each pages file as it writes it; page-cache staging leaves that to
+/// the manifest.
+fn check_digests(
+    dir: &Path,
+    digests: &[cryo_checkpoint::image::digest::FileRecord],
+    mode: Mode,
+    files: usize,
+) {
+    match mode {
+        Mode::PageCache => assert!(digests.is_empty()),
+        Mode::Memory => {
+            assert_eq!(digests.len(), files);
+            for d in digests {
+                let (size, blake3) = digest_file(&dir.join(&d.name)).unwrap();
+                assert_eq!((d.size, &d.blake3), (size, &blake3), "{}", d.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn many_pieces_and_an_unstaged_tail_arrive_whole() {
+    // 20 MiB sent, 12 MiB staged: the writer gets pieces of memory, then the tail the
+    // receiver wrote itself, and hashes them all in order.
+    for mode in MODES {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = (20 << 20) / PAGE_SIZE;
+        let estimates = vec![Estimate {
+            vpid: 1,
+            bytes: 12 << 20,
+        }];
+        let (receiver, criu_end) = PageReceiver::start(dir.path(), estimates, mode).unwrap();
+        receiver.wait_staged();
+        let mut sk = UnixStream::from(criu_end);
+        let runs = [
+            (0x40_0000, pages - 1, PE_PRESENT),
+            (0x7f_0000_0000, 1, PE_PRESENT),
+        ];
+        send_pagemap(&mut sk, Dest::Task(1), &runs, 5);
+        sk.write_all(&encode(Command::Close, 0)).unwrap();
+        let mut status = [1u8; 4];
+        sk.read_exact(&mut status).unwrap();
+        let summary = receiver.finish().unwrap();
+        assert_eq!(summary.bytes, 20 << 20);
+        assert_eq!(summary.staged_bytes, 12 << 20, "{mode:?}");
+        check_digests(dir.path(), &summary.digests, mode, 1);
+        let data = std::fs::read(dir.path().join("pages-1.img")).unwrap();
+        assert!(
+            data == expected_pages(5, pages),
+            "{mode:?}: the pages differ"
+        );
+    }
+}
+
 #[test]
 fn a_stream_cut_short_fails_and_leaves_nothing() {
+    for mode in MODES {
+        cut_short(mode);
+    }
+}
+
+fn cut_short(mode: Mode) {
     let dir = tempfile::tempdir().unwrap();
     let (receiver, criu_end) = PageReceiver::start(
         dir.path(),
@@ -141,6 +216,7 @@ fn a_stream_cut_short_fails_and_leaves_nothing() {
             vpid: 1,
             bytes: 4 * PAGE_SIZE,
         }],
+        mode,
     )
     .unwrap();
     let mut sk = UnixStream::from(criu_end);
@@ -169,7 +245,7 @@ fn a_stream_cut_short_fails_and_leaves_nothing() {
 #[test]
 fn a_request_the_receiver_does_not_serve_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (receiver, criu_end) = PageReceiver::start(dir.path(), Vec::new()).unwrap();
+    let (receiver, criu_end) = PageReceiver::start(dir.path(), Vec::new(), Mode::Memory).unwrap();
     let mut sk = UnixStream::from(criu_end);
     // PS_IOV_GET: a lazy-pages request, not part of a dump.
     sk.write_all(&encode(Command::Other(7), 0)).unwrap();
@@ -180,6 +256,12 @@ fn a_request_the_receiver_does_not_serve_is_refused() {
 
 #[test]
 fn dropping_an_unfinished_receiver_removes_its_staging() {
+    for mode in MODES {
+        drop_unfinished(mode);
+    }
+}
+
+fn drop_unfinished(mode: Mode) {
     let dir = tempfile::tempdir().unwrap();
     let (receiver, criu_end) = PageReceiver::start(
         dir.path(),
@@ -187,11 +269,42 @@ fn dropping_an_unfinished_receiver_removes_its_staging() {
             vpid: 1,
             bytes: 16 * PAGE_SIZE,
         }],
+        mode,
     )
     .unwrap();
-    receiver.wait_staged(std::time::Duration::from_secs(5));
+    receiver.wait_staged();
     assert_eq!(names(dir.path()), [".cryo-pages-1.tmp"]);
     drop(criu_end); // CRIU never started
     drop(receiver);
     assert!(names(dir.path()).is_empty());
+}
+
+#[test]
+fn dropping_a_receiver_whose_criu_never_ran_does_not_wait_for_it() {
+    // A member of a group abandoned before its CRIU started: CRIU's end of the socket is
+    // still open in the caller while the receiver is dropped.
+    for mode in MODES {
+        let dir = tempfile::tempdir().unwrap();
+        let (receiver, criu_end) = PageReceiver::start(
+            dir.path(),
+            vec![Estimate {
+                vpid: 1,
+                bytes: 16 * PAGE_SIZE,
+            }],
+            mode,
+        )
+        .unwrap();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(receiver);
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done.recv_timeout(std::time::Duration::from_secs(20))
+                .is_ok(),
+            "{mode:?}: dropping the receiver waited for a CRIU that never ran"
+        );
+        drop(criu_end);
+        assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+    }
 }

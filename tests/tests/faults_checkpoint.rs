@@ -584,6 +584,96 @@ fn a_disk_filling_up_inside_the_dump() {
     record("the disk fills up inside the dump", &cryo, "-");
 }
 
+/// The disk fills up after CRIU took the pages into cryo's memory, while cryo's writer sends
+/// them to disk: the writer's error (naming the pages file) is the checkpoint's, the container
+/// runs on and nothing is left. CRIU is held at the freeze while the disk is taken, leaving
+/// room for its own small images but not for the pages.
+#[test]
+fn a_disk_filling_up_while_the_staged_pages_are_written_out() {
+    let disk = Tmpfs::new("400m");
+    let rt = Runtime::cryo();
+    let hb = Heartbeat::start(&rt, &unique("fill-writer"), MIB);
+    let _g = rt.guard(&hb.id);
+    let img = disk.dir.join("img");
+    let mut child = spawn(&rt, &args(&["--leave-running"], &img, &hb.id));
+    assert!(wait_for_freeze(&hb, &mut child, QUIET, WITHIN));
+    let criu = criu_child(child.id()).expect("no CRIU inside the freeze: case not reached");
+    signal(criu, Signal::SIGSTOP);
+    let filler = disk.dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    let full = f.metadata().unwrap().len();
+    f.set_len(full - (4 << 20)).unwrap();
+    signal(criu, Signal::SIGCONT);
+    let thawed = time_to_thaw(&hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
+    let (status, err) = finish(child);
+    drop(f);
+    std::fs::remove_file(&filler).unwrap();
+    assert!(!status.success(), "the checkpoint succeeded on a full disk");
+    assert!(
+        err.contains("No space left on device") && err.contains(".cryo-pages-"),
+        "not the page writer's error: {err}"
+    );
+    let cryo = assert_survived(&hb, &img, false, thawed);
+    record(
+        "the disk fills up while the pages are written out",
+        &cryo,
+        "-",
+    );
+}
+
+/// SIGKILL of cryo after the thaw while the staged pages are still being written out (a pages
+/// file still has its temporary name): the guardian removes the half-written image, the
+/// container runs on. runc has no such step (its CRIU writes inside the freeze).
+#[test]
+fn sigkill_of_cryo_while_the_staged_pages_are_written_out() {
+    let rt = Runtime::cryo();
+    let hb = Heartbeat::start(&rt, &unique("fault-writer"), MIB);
+    let _g = rt.guard(&hb.id);
+    let img = hb.bundle.dir.join("img");
+    for _ in 0..5 {
+        let mut child = spawn(&rt, &args(&["--leave-running"], &img, &hb.id));
+        assert!(
+            wait_for_thaw(&hb, &mut child, WITHIN),
+            "no thaw: {:?}",
+            finish(child)
+        );
+        if pages_being_written(&img) {
+            signal(child.id() as i32, Signal::SIGKILL);
+            let thawed =
+                time_to_thaw(&hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
+            let _ = finish(child);
+            let cryo = assert_survived(&hb, &img, false, thawed);
+            record("SIGKILL cryo while the pages are written out", &cryo, "-");
+            return;
+        }
+        let _ = finish(child);
+        let _ = std::fs::remove_dir_all(&img);
+    }
+    panic!("the pages were never seen being written out after the thaw in 5 tries");
+}
+
+/// Whether a checkpoint into `img` is still writing its pages: a pages file under its
+/// temporary name in the staging directory beside `img`.
+fn pages_being_written(img: &Path) -> bool {
+    let entries = |d: &Path| {
+        std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect::<Vec<_>>()
+    };
+    entries(img.parent().unwrap())
+        .iter()
+        .filter(|e| e.file_name().to_string_lossy().contains(".cryo-new-"))
+        .any(|e| {
+            entries(&e.path())
+                .iter()
+                .any(|f| f.file_name().to_string_lossy().starts_with(".cryo-pages-"))
+        })
+}
+
 /// While a checkpoint holds the container, other verbs wait a bounded time and say who holds it.
 #[test]
 fn a_busy_container_names_its_holder() {

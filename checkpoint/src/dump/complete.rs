@@ -73,11 +73,21 @@ impl<'r, 'a> Dumped<'r, 'a> {
         };
 
         // CRIU answered only after the receiver had copied every page: the container may run.
+        let mut hashed_pages = Vec::new();
         let pages = match p.receiver.take().map(|r| r.finish()) {
-            Some(Ok(s)) => Some(PagesRecord {
-                received_bytes: s.bytes,
-                staged_bytes: s.staged_bytes,
-            }),
+            Some(Ok(s)) => {
+                hashed_pages = s.digests;
+                Some(PagesRecord {
+                    received_bytes: s.bytes,
+                    staged_bytes: s.staged_bytes,
+                    prefaulted_bytes: s.prefaulted_bytes,
+                    staging: match p.req.stage_pages {
+                        Some(crate::page_receiver::Mode::Memory) => "memory".into(),
+                        Some(crate::page_receiver::Mode::PageCache) => "page-cache".into(),
+                        None => String::new(),
+                    },
+                })
+            }
             Some(Err(e)) => {
                 return Err(fail(
                     &mut p,
@@ -105,6 +115,10 @@ impl<'r, 'a> Dumped<'r, 'a> {
             _ => None,
         };
         timings.increment_ms = ms(t_increment.elapsed());
+        if increment.is_some() {
+            // The pages files were rewritten to what changed.
+            hashed_pages.clear();
+        }
         // CRIU's images go to disk while the changeset is compressed: the final syncfs then
         // has little left to write.
         if let Err((step, cause)) = flush_and_compress(&mut p, &dir, &mut record, &mut timings) {
@@ -147,7 +161,8 @@ impl<'r, 'a> Dumped<'r, 'a> {
         }
 
         let t_digest = Instant::now();
-        let files = match image_files(&dir).and_then(|names| digest_files(&dir, &names)) {
+        let files = match image_files(&dir).and_then(|names| digest_rest(&dir, names, hashed_pages))
+        {
             Ok(f) => f,
             Err(source) => {
                 return Err(fail(
@@ -396,6 +411,28 @@ fn flush_and_compress(
 
 /// The files of the image: everything in the staging dir but CRIU's logs and stats, cryo's
 /// scratch files and the manifest.
+/// Digest the image files `names`, but for the pages files the receiver hashed as it wrote them
+/// (still unchanged, unless a store generation kept only what changed: then digested anew).
+fn digest_rest(
+    dir: &Path,
+    names: Vec<String>,
+    hashed: Vec<crate::image::digest::FileRecord>,
+) -> std::io::Result<Vec<crate::image::digest::FileRecord>> {
+    let hashed: std::collections::HashMap<_, _> =
+        hashed.into_iter().map(|r| (r.name.clone(), r)).collect();
+    let mut files = Vec::with_capacity(names.len());
+    for name in names {
+        let known = hashed
+            .get(&name)
+            .filter(|r| std::fs::metadata(dir.join(&name)).is_ok_and(|m| m.len() == r.size));
+        match known {
+            Some(r) => files.push(r.clone()),
+            None => files.extend(digest_files(dir, std::slice::from_ref(&name))?),
+        }
+    }
+    Ok(files)
+}
+
 fn image_files(dir: &Path) -> std::io::Result<Vec<String>> {
     let mut names = Vec::new();
     for e in std::fs::read_dir(dir)? {

@@ -118,9 +118,10 @@ pub struct DumpRequest {
     pub snapshot: SnapshotMode,
     /// `--compress-pages`: zstd the page images after the thaw ([`crate::pages`]).
     pub compress_pages: bool,
-    /// Receive the pages from CRIU into images faulted in before the freeze
-    /// ([`crate::page_receiver`]); off: CRIU writes them itself (`--no-page-staging`).
-    pub stage_pages: bool,
+    /// Receive the pages from CRIU into memory faulted in before the freeze, staged as this
+    /// says ([`crate::page_receiver`]); `None`: CRIU writes them itself
+    /// (`--no-page-staging`).
+    pub stage_pages: Option<crate::page_receiver::Mode>,
     /// `--freeze-timeout`: how long the container may stay frozen (`None`: by its size,
     /// [`freeze_timeout_for`]).
     pub freeze_timeout: Option<Duration>,

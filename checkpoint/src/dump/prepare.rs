@@ -134,8 +134,8 @@ impl<'r, 'a> Prepared<'r, 'a> {
             .map_err(|e| fail("checking free space", e))?;
 
         let mut extra_fds = Vec::new();
-        let receiver = if receives_pages(req, kind) {
-            let (receiver, criu_end) = PageReceiver::start(&dir, estimates)
+        let receiver = if let Some(mode) = receives_pages(req, kind) {
+            let (receiver, criu_end) = PageReceiver::start(&dir, estimates, mode)
                 .map_err(|e| fail("starting the page receiver", e.into()))?;
             let mut ps = rpc::Criu_page_server_info::new();
             ps.set_fd(CriuCall::extra_fd_number(extra_fds.len()));
@@ -228,14 +228,16 @@ impl<'r, 'a> Prepared<'r, 'a> {
     }
 }
 
-/// Whether cryo receives the pages itself: for a full dump whose pages stay local (not lazy,
-/// not sent to a page server of the caller's, not deduplicated against a parent image).
-fn receives_pages(req: &DumpRequest, kind: CallKind) -> bool {
-    req.stage_pages
-        && kind == CallKind::Dump
-        && !req.flags.common.lazy_pages
-        && req.flags.page_server.is_none()
-        && req.flags.parent_path.is_none()
+/// Whether cryo receives the pages itself, staged how: for a full dump whose pages stay local
+/// (not lazy, not sent to a page server of the caller's, not deduplicated against a parent
+/// image).
+fn receives_pages(req: &DumpRequest, kind: CallKind) -> Option<staging::Mode> {
+    req.stage_pages.filter(|_| {
+        kind == CallKind::Dump
+            && !req.flags.common.lazy_pages
+            && req.flags.page_server.is_none()
+            && req.flags.parent_path.is_none()
+    })
 }
 
 fn create_private(dir: &Path) -> Result<(), DumpError> {

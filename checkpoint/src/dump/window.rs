@@ -15,10 +15,6 @@ use crate::guardian::{deadline_after, Guardian, Order};
 use crate::manifest::{OpenFileRecord, RootfsRecord};
 use crate::{facts, rootfs};
 
-/// The longest the freeze waits for the page images to be faulted in: past it the freeze
-/// starts anyway and the pages that are not ready are written as they come.
-const STAGING_WAIT: Duration = Duration::from_secs(10);
-
 /// The container frozen by cryo (or found paused). Dropped, it thaws (a paused container stays
 /// paused); [`Frozen::release`] thaws and tells the guardian.
 pub(super) struct Frozen<'a> {
@@ -164,7 +160,7 @@ impl Window<'_, '_, '_> {
     fn freeze(&mut self) -> Result<(), String> {
         let t = Instant::now();
         if let Some(r) = &self.p.receiver {
-            r.wait_staged(STAGING_WAIT);
+            r.wait_staged();
         }
         if let Some(c) = self.p.capture.as_mut() {
             c.wait_prepared();

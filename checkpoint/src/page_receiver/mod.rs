@@ -10,6 +10,7 @@
 //! (`pagemap-*.img` + `pages-*.img`, byte for byte what CRIU writes), so runc and `crit` read
 //! them as before.
 
+pub mod memory;
 pub mod protocol;
 pub mod session;
 pub mod staging;
@@ -17,12 +18,13 @@ pub mod staging;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use session::{Session, Summary};
-pub use staging::Estimate;
+pub use staging::{Estimate, Mode};
 
 /// Socket buffers big enough that CRIU rarely waits for the copy (the data in them are
 /// references to the frozen container's pages, not copies).
@@ -70,23 +72,33 @@ impl ReceiveError {
 pub struct PageReceiver {
     thread: Option<JoinHandle<Result<Session, ReceiveError>>>,
     staged: mpsc::Receiver<()>,
+    stop: Arc<AtomicBool>,
+    wait_limit: Duration,
+    /// The thread's end of the socket, to end its wait for CRIU when the dump is abandoned
+    /// before CRIU ever ran (CRIU's end may still be open in the caller then).
+    ours: Option<UnixStream>,
 }
 
 impl PageReceiver {
-    /// Start receiving into `image_dir`, staging the given tasks' images first. Returns the
-    /// receiver and the socket end to hand CRIU.
+    /// Start receiving into `image_dir`, staging the given tasks' images first as `mode`
+    /// says. Returns the receiver and the socket end to hand CRIU.
     pub fn start(
         image_dir: &Path,
         estimates: Vec<Estimate>,
+        mode: Mode,
     ) -> Result<(Self, OwnedFd), ReceiveError> {
         let (mut ours, theirs) = UnixStream::pair().map_err(ReceiveError::Stream)?;
         enlarge_buffers(&ours, &theirs);
         let (staged_tx, staged) = mpsc::channel();
         let dir = image_dir.to_path_buf();
+        let stop = Arc::new(AtomicBool::new(false));
+        let wait_limit = staging::wait_limit(estimates.iter().map(|e| e.bytes).sum());
+        let session_stop = stop.clone();
+        let ours_for_drop = ours.try_clone().ok();
         let thread = std::thread::Builder::new()
             .name("cryo-pages".into())
             .spawn(move || {
-                let mut session = Session::new(&dir);
+                let mut session = Session::new(&dir, mode, session_stop);
                 for e in estimates {
                     if let Err(err) = session.stage(e.vpid, e.bytes) {
                         tracing::debug!("staging the pages of task {}: {err}", e.vpid);
@@ -100,14 +112,19 @@ impl PageReceiver {
         let receiver = Self {
             thread: Some(thread),
             staged,
+            stop,
+            wait_limit,
+            ours: ours_for_drop,
         };
         Ok((receiver, theirs.into()))
     }
 
-    /// Wait (at most `limit`) until the staged images are faulted in: call just before the
-    /// freeze, so that the container, not the freeze, waits for the staging.
-    pub fn wait_staged(&self, limit: Duration) {
-        let _ = self.staged.recv_timeout(limit);
+    /// Call just before the freeze, so that the container, not the freeze, waits for the
+    /// staging: wait until it is done, at most [`staging::wait_limit`] for its size, then stop
+    /// it where it stands. What is not staged by then is received unstaged.
+    pub fn wait_staged(&self) {
+        let _ = self.staged.recv_timeout(self.wait_limit);
+        self.stop.store(true, Ordering::Relaxed);
     }
 
     /// Wait for the end of the stream and give the images their final names. On an error the
@@ -125,9 +142,13 @@ impl PageReceiver {
 }
 
 impl Drop for PageReceiver {
-    /// An unfinished receiver (the dump failed) ends when CRIU's end of the socket closes;
+    /// An unfinished receiver (the dump failed or never ran) is cut off from the socket;
     /// joining it removes its files.
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let (Some(s), true) = (&self.ours, self.thread.is_some()) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

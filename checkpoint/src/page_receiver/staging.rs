@@ -1,18 +1,66 @@
 //! Page images prepared before the freeze.
 //!
 //! CRIU allocates the page cache of its page images while the container is frozen. cryo
-//! sizes each task's pages image from its resident anonymous memory and faults it in
-//! ([`crate::prefault`]) while the container still runs, so inside the freeze the pages
-//! are only copied.
+//! sizes each task's pages image from its resident anonymous memory and faults the memory in
+//! while the container still runs, so inside the freeze the pages are only copied: anonymous
+//! memory written out after the freeze ([`Mode::Memory`], [`super::memory`]), or the file's
+//! own page cache ([`Mode::PageCache`], [`crate::prefault`]) where the images are read again
+//! right after the dump. Staging takes no more than the memory that is free, and stops when
+//! the freeze begins: what is not staged by then is received all the same, only slower.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use memmap2::MmapMut;
 
+use super::memory::Memory;
 use super::protocol::PAGE_SIZE;
 use super::ReceiveError;
+
+/// Where the pages are staged before the freeze.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// In anonymous memory, written to the files with `O_DIRECT` from the freeze on and
+    /// hashed on the way: the default, as it has no writeback cliff.
+    Memory,
+    /// In the files' own page cache: for images read whole right after the dump (a store
+    /// generation compared with its parent, `--compress-pages`), which then find them
+    /// cached.
+    PageCache,
+}
+
+/// Memory staging leaves this fraction of the machine's memory (at least
+/// [`MIN_MEMORY_LEFT`]) to everything else.
+const MEMORY_LEFT_DIVISOR: u64 = 16;
+const MIN_MEMORY_LEFT: u64 = 256 << 20;
+
+/// How many bytes staging may take: the memory available now less a reserve, so that the
+/// container and the machine never run short because of a checkpoint. 0 where it cannot be
+/// read.
+pub fn memory_budget() -> u64 {
+    use procfs::Current;
+    let Ok(m) = procfs::Meminfo::current() else {
+        return 0;
+    };
+    let reserve = (m.mem_total / MEMORY_LEFT_DIVISOR).max(MIN_MEMORY_LEFT);
+    m.mem_available
+        .unwrap_or(m.mem_free)
+        .saturating_sub(reserve)
+}
+
+/// How long the freeze waits for staging: long enough for memory faulted in at a healthy
+/// rate, bounded, and growing with the size. Past it the freeze starts and the rest is
+/// received unstaged.
+pub fn wait_limit(bytes: u64) -> Duration {
+    const BASE: Duration = Duration::from_secs(1);
+    const PER_GIB: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(10);
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    (BASE + PER_GIB.mul_f64(gib)).min(MAX)
+}
 
 /// Slack over the measured size: the container keeps running (and allocating) until the
 /// freeze. Pages beyond the staged size are still received, only written without the
@@ -78,8 +126,10 @@ pub struct PagesFile {
     pub path: PathBuf,
     /// The open file.
     pub file: File,
-    /// The pre-faulted mapping of the first `map.len()` bytes, if staged.
+    /// The pre-faulted mapping of the first `map.len()` bytes, if staged in the page cache.
     pub map: Option<MmapMut>,
+    /// The memory that takes the first `memory.len()` bytes, if staged in memory.
+    pub memory: Option<Memory>,
 }
 
 /// The temporary name of a pages image received for `key`.
@@ -103,27 +153,45 @@ pub fn create(dir: &Path, key: &str) -> Result<PagesFile, ReceiveError> {
         path,
         file,
         map: None,
+        memory: None,
     })
 }
 
-/// Create a pages file of `bytes` and fault all of it in, writable. If the file system cannot
-/// map or populate it, the file is returned unstaged (correct, only without the head start).
-pub fn stage(dir: &Path, key: &str, bytes: u64) -> Result<PagesFile, ReceiveError> {
+/// Create a pages file for `bytes` staged as `mode` says, faulted in until `stop` is set.
+/// Returns it and the bytes faulted in. Where memory cannot be had, the file is returned
+/// unstaged (correct, only without the head start).
+pub fn stage(
+    dir: &Path,
+    key: &str,
+    bytes: u64,
+    mode: Mode,
+    stop: &AtomicBool,
+) -> Result<(PagesFile, u64), ReceiveError> {
     let mut pf = create(dir, key)?;
-    pf.map = crate::prefault::map_prefaulted(&pf.file, bytes);
-    if pf.map.is_none() && bytes > 0 {
-        tracing::debug!(
-            "{}: cannot pre-fault, receiving unstaged",
-            pf.path.display()
-        );
+    let faulted = match mode {
+        Mode::PageCache => {
+            pf.map = crate::prefault::map_prefaulted_until(&pf.file, bytes, stop);
+            pf.map.as_ref().map_or(0, |m| m.len() as u64)
+        }
+        Mode::Memory => match Memory::stage(bytes, stop) {
+            Some((memory, faulted)) => {
+                pf.memory = Some(memory);
+                faulted
+            }
+            None => 0,
+        },
+    };
+    if faulted == 0 && bytes > 0 {
+        tracing::debug!("{}: not staged, receiving unstaged", pf.path.display());
     }
-    Ok(pf)
+    Ok((pf, faulted))
 }
 
 impl PagesFile {
     /// Unmap, cut the file to the `len` bytes received and give it its final name.
     pub fn finish(mut self, len: u64, final_path: &Path) -> Result<(), ReceiveError> {
         self.map = None;
+        self.memory = None;
         self.file
             .set_len(len)
             .map_err(ReceiveError::io("truncate", &self.path))?;
@@ -154,9 +222,43 @@ mod tests {
     }
 
     #[test]
+    fn wait_limit_grows_with_size_and_is_bounded() {
+        assert_eq!(wait_limit(0), Duration::from_secs(1));
+        assert_eq!(wait_limit(4 << 30), Duration::from_secs(3));
+        assert_eq!(wait_limit(64 << 30), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn budget_leaves_memory_to_the_machine() {
+        let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let avail = kib_field(&text, "MemAvailable:").unwrap() * 1024;
+        assert!(memory_budget() < avail, "some memory is always left");
+    }
+
+    #[test]
+    fn memory_staging_stops_when_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = AtomicBool::new(true);
+        let (pf, faulted) = stage(dir.path(), "1", 64 << 20, Mode::Memory, &stop).unwrap();
+        assert_eq!(faulted, 0, "stopped before it began");
+        assert_eq!(
+            pf.memory.map(|m| m.len()),
+            Some(64 << 20),
+            "the memory is still there"
+        );
+        let go = AtomicBool::new(false);
+        let (pf, faulted) = stage(dir.path(), "2", 64 << 20, Mode::Memory, &go).unwrap();
+        assert_eq!(faulted, 64 << 20);
+        assert!(pf.map.is_none());
+    }
+
+    #[test]
     fn staged_file_is_mapped_and_finished_to_its_length() {
         let dir = tempfile::tempdir().unwrap();
-        let mut pf = stage(dir.path(), "1", 8 * PAGE_SIZE).unwrap();
+        let stop = AtomicBool::new(false);
+        let (mut pf, faulted) =
+            stage(dir.path(), "1", 8 * PAGE_SIZE, Mode::PageCache, &stop).unwrap();
+        assert_eq!(faulted, 8 * PAGE_SIZE);
         let map = pf
             .map
             .as_mut()

@@ -11,6 +11,7 @@ use cryo_checkpoint::criu::CriuClient;
 use cryo_checkpoint::dump::{self, DumpEnv, DumpRequest, SnapshotMode};
 use cryo_checkpoint::flags::{CommonFlags, DumpFlags};
 use cryo_checkpoint::gpu;
+use cryo_checkpoint::page_receiver::Mode as StagingMode;
 use cryo_checkpoint::signals::InterruptGuard;
 use cryo_oci::Verb;
 
@@ -158,7 +159,12 @@ pub(super) fn request_for(
         },
         snapshot,
         compress_pages: a.compress_pages,
-        stage_pages: !a.no_page_staging,
+        // Page-cache staging where the images are read whole right after the dump.
+        stage_pages: (!a.no_page_staging).then_some(if a.compress_pages {
+            StagingMode::PageCache
+        } else {
+            StagingMode::Memory
+        }),
         freeze_timeout: a.freeze_timeout.map(Duration::from_secs),
         criu_timeout: Duration::from_secs(a.criu_timeout),
         failure_log_dir: Some(ctx.store.container_dir(id)),

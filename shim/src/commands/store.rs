@@ -208,6 +208,11 @@ impl Writer<'_> {
         }
         job.req.image_dir = image_dir;
         job.req.parent = choice.parent;
+        // The next generation reads this one's pages to compare: keep them in the page cache.
+        job.req.stage_pages = job
+            .req
+            .stage_pages
+            .map(|_| cryo_checkpoint::page_receiver::Mode::PageCache);
         if self.periodic {
             job.req.flags.leave_running = true;
         }
