@@ -64,6 +64,11 @@ fn expected_pages(task: u8, count: u64) -> Vec<u8> {
     (0..count).flat_map(|n| page(task, n)).collect()
 }
 
+/// A receiver expecting `bytes` of task 1.
+fn start_one_task(dir: &Path, bytes: u64, mode: Mode) -> (PageReceiver, std::os::fd::OwnedFd) {
+    PageReceiver::start(dir, vec![Estimate { vpid: 1, bytes }], mode).unwrap()
+}
+
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -210,15 +215,7 @@ fn a_stream_cut_short_fails_and_leaves_nothing() {
 
 fn cut_short(mode: Mode) {
     let dir = tempfile::tempdir().unwrap();
-    let (receiver, criu_end) = PageReceiver::start(
-        dir.path(),
-        vec![Estimate {
-            vpid: 1,
-            bytes: 4 * PAGE_SIZE,
-        }],
-        mode,
-    )
-    .unwrap();
+    let (receiver, criu_end) = start_one_task(dir.path(), 4 * PAGE_SIZE, mode);
     let mut sk = UnixStream::from(criu_end);
     send_pagemap(&mut sk, Dest::Task(1), &[(0x40_0000, 2, PE_PRESENT)], 1);
     // CRIU dies half-way through a run of pages.
@@ -263,15 +260,7 @@ fn dropping_an_unfinished_receiver_removes_its_staging() {
 
 fn drop_unfinished(mode: Mode) {
     let dir = tempfile::tempdir().unwrap();
-    let (receiver, criu_end) = PageReceiver::start(
-        dir.path(),
-        vec![Estimate {
-            vpid: 1,
-            bytes: 16 * PAGE_SIZE,
-        }],
-        mode,
-    )
-    .unwrap();
+    let (receiver, criu_end) = start_one_task(dir.path(), 16 * PAGE_SIZE, mode);
     receiver.wait_staged();
     assert_eq!(names(dir.path()), [".cryo-pages-1.tmp"]);
     drop(criu_end); // CRIU never started
@@ -285,15 +274,7 @@ fn dropping_a_receiver_whose_criu_never_ran_does_not_wait_for_it() {
     // still open in the caller while the receiver is dropped.
     for mode in MODES {
         let dir = tempfile::tempdir().unwrap();
-        let (receiver, criu_end) = PageReceiver::start(
-            dir.path(),
-            vec![Estimate {
-                vpid: 1,
-                bytes: 16 * PAGE_SIZE,
-            }],
-            mode,
-        )
-        .unwrap();
+        let (receiver, criu_end) = start_one_task(dir.path(), 16 * PAGE_SIZE, mode);
         let (done_tx, done) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             drop(receiver);

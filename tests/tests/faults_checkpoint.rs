@@ -565,10 +565,7 @@ fn a_disk_filling_up_inside_the_dump() {
     // Hold CRIU while the rest of the disk is taken, so the dump cannot win the race for it.
     let criu = criu_child(child.id()).expect("no CRIU inside the freeze: case not reached");
     signal(criu, Signal::SIGSTOP);
-    let filler = disk.dir.join("filler");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    let chunk = vec![1u8; 1 << 20];
-    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    let (filler, f) = fill_up(&disk.dir);
     signal(criu, Signal::SIGCONT);
     let thawed = time_to_thaw(&hb, Duration::from_secs(10)).unwrap_or(Duration::from_secs(10));
     let (status, err) = finish(child);
@@ -599,10 +596,7 @@ fn a_disk_filling_up_while_the_staged_pages_are_written_out() {
     assert!(wait_for_freeze(&hb, &mut child, QUIET, WITHIN));
     let criu = criu_child(child.id()).expect("no CRIU inside the freeze: case not reached");
     signal(criu, Signal::SIGSTOP);
-    let filler = disk.dir.join("filler");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    let chunk = vec![1u8; 1 << 20];
-    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    let (filler, f) = fill_up(&disk.dir);
     let full = f.metadata().unwrap().len();
     f.set_len(full - (4 << 20)).unwrap();
     signal(criu, Signal::SIGCONT);
@@ -652,6 +646,15 @@ fn sigkill_of_cryo_while_the_staged_pages_are_written_out() {
         let _ = std::fs::remove_dir_all(&img);
     }
     panic!("the pages were never seen being written out after the thaw in 5 tries");
+}
+
+/// Take every free byte of the file system of `dir` with a file; returns its path and handle.
+fn fill_up(dir: &Path) -> (std::path::PathBuf, std::fs::File) {
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    (filler, f)
 }
 
 /// Whether a checkpoint into `img` is still writing its pages: a pages file under its
