@@ -19,16 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{Advice, MmapMut};
 
-/// Fill `file` (new and empty) with `bytes` of zeros and map every page of it, writable. Returns
-/// the mapping, or `None` (the file cut back to empty) where the file system cannot map or
-/// populate it: writing is then only slower, never wrong.
-pub fn map_prefaulted(file: &File, bytes: u64) -> Option<MmapMut> {
-    map_prefaulted_until(file, bytes, &AtomicBool::new(false))
-}
-
-/// [`map_prefaulted`], stopping early when `stop` is set: the mapping then covers the part
-/// that was filled (possibly none).
-pub fn map_prefaulted_until(file: &File, bytes: u64, stop: &AtomicBool) -> Option<MmapMut> {
+/// Fill `file` (new and empty) with `bytes` of zeros, or as many as are written before `stop` is
+/// set, and map every page of that, writable. Returns the mapping, or `None` (the file cut back
+/// to empty) where nothing was filled or the file system cannot map or populate it: writing is
+/// then only slower, never wrong.
+pub fn map_prefaulted(file: &File, bytes: u64, stop: &AtomicBool) -> Option<MmapMut> {
     let filled = match fill_with_zeros(file, bytes, stop) {
         Ok(n) => n / PAGE * PAGE,
         Err(_) => 0,
@@ -109,8 +104,9 @@ mod tests {
             .create_new(true)
             .open(dir.path().join("f"))
             .unwrap();
-        assert!(map_prefaulted(&f, 0).is_none());
-        let map = map_prefaulted(&f, 3 * 4096).unwrap();
+        let go = AtomicBool::new(false);
+        assert!(map_prefaulted(&f, 0, &go).is_none());
+        let map = map_prefaulted(&f, 3 * 4096, &go).unwrap();
         assert_eq!(map.len(), 3 * 4096);
         assert_eq!(f.metadata().unwrap().len(), 3 * 4096);
         assert!(map.iter().all(|&b| b == 0));
@@ -126,7 +122,7 @@ mod tests {
             .create_new(true)
             .open(path)
             .unwrap();
-        assert!(map_prefaulted_until(&f, 3 * 4096, &AtomicBool::new(true)).is_none());
+        assert!(map_prefaulted(&f, 3 * 4096, &AtomicBool::new(true)).is_none());
         assert_eq!(f.metadata().unwrap().len(), 0);
     }
 

@@ -12,7 +12,7 @@ use super::window::{Dumped, Frozen};
 use super::{compress_threads, ms, CheckpointError, DumpError, DumpReport, LeftAs};
 use crate::criu::CallKind;
 use crate::guardian::Order;
-use crate::image::digest::digest_files;
+use crate::image::digest::{digest_files, FileRecord};
 use crate::image::publish::is_side_file;
 use crate::manifest::{self, Manifest, PagesRecord, Timings, FORMAT};
 use crate::{facts, rootfs};
@@ -81,11 +81,7 @@ impl<'r, 'a> Dumped<'r, 'a> {
                     received_bytes: s.bytes,
                     staged_bytes: s.staged_bytes,
                     prefaulted_bytes: s.prefaulted_bytes,
-                    staging: match p.req.stage_pages {
-                        Some(crate::page_receiver::Mode::Memory) => "memory".into(),
-                        Some(crate::page_receiver::Mode::PageCache) => "page-cache".into(),
-                        None => String::new(),
-                    },
+                    staging: p.req.stage_pages.map_or("", |m| m.name()).into(),
                 })
             }
             Some(Err(e)) => {
@@ -409,30 +405,27 @@ fn flush_and_compress(
     })
 }
 
-/// The files of the image: everything in the staging dir but CRIU's logs and stats, cryo's
-/// scratch files and the manifest.
 /// Digest the image files `names`, but for the pages files the receiver hashed as it wrote them
-/// (still unchanged, unless a store generation kept only what changed: then digested anew).
+/// (the caller drops those digests where the files were rewritten since). In `names`' order.
 fn digest_rest(
     dir: &Path,
     names: Vec<String>,
-    hashed: Vec<crate::image::digest::FileRecord>,
-) -> std::io::Result<Vec<crate::image::digest::FileRecord>> {
-    let hashed: std::collections::HashMap<_, _> =
-        hashed.into_iter().map(|r| (r.name.clone(), r)).collect();
-    let mut files = Vec::with_capacity(names.len());
-    for name in names {
-        let known = hashed
-            .get(&name)
-            .filter(|r| std::fs::metadata(dir.join(&name)).is_ok_and(|m| m.len() == r.size));
-        match known {
-            Some(r) => files.push(r.clone()),
-            None => files.extend(digest_files(dir, std::slice::from_ref(&name))?),
-        }
-    }
+    hashed: Vec<FileRecord>,
+) -> std::io::Result<Vec<FileRecord>> {
+    let (known, rest): (Vec<String>, Vec<String>) = names
+        .into_iter()
+        .partition(|n| hashed.iter().any(|r| &r.name == n));
+    let mut files: Vec<FileRecord> = hashed
+        .into_iter()
+        .filter(|r| known.contains(&r.name))
+        .collect();
+    files.extend(digest_files(dir, &rest)?);
+    files.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(files)
 }
 
+/// The files of the image: everything in the staging dir but CRIU's logs and stats, cryo's
+/// scratch files and the manifest.
 fn image_files(dir: &Path) -> std::io::Result<Vec<String>> {
     let mut names = Vec::new();
     for e in std::fs::read_dir(dir)? {

@@ -30,6 +30,9 @@ const POPULATE_CHUNK: usize = 16 << 20;
 /// The receiver hands the writer a piece once this much of a task's memory is filled.
 pub const PIECE: u64 = 8 << 20;
 
+/// The buffer for hashing what the receiver wrote to a file itself.
+const READ_BACK: usize = 1 << 20;
+
 /// Anonymous memory for one task's pages.
 #[derive(Debug, Clone)]
 pub struct Memory(Arc<MmapRaw>);
@@ -238,6 +241,9 @@ struct Out {
     memory: Option<Memory>,
     hasher: blake3::Hasher,
     hashed: u64,
+    /// For reading back what the receiver wrote itself (allocated on first use: most files
+    /// have none).
+    read_back: Vec<u8>,
 }
 
 /// The writer (and the hashing threads it starts, which inherit this) yields the CPU to CRIU
@@ -311,6 +317,7 @@ impl Out {
             memory,
             hasher: blake3::Hasher::new(),
             hashed: 0,
+            read_back: Vec::new(),
         })
     }
 
@@ -343,7 +350,10 @@ impl Out {
     /// Hash `from..to`, which the receiver wrote to the file itself.
     fn hash_file(&mut self, from: u64, to: u64) -> Result<(), ReceiveError> {
         self.in_order(from)?;
-        let mut buf = vec![0u8; 1 << 20];
+        if self.read_back.is_empty() {
+            self.read_back = vec![0u8; READ_BACK];
+        }
+        let buf = &mut self.read_back;
         let mut at = from;
         while at < to {
             let n = buf.len().min((to - at) as usize);

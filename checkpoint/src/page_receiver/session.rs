@@ -163,11 +163,14 @@ impl Session {
             if self.writer.is_none() {
                 self.writer = Some(Writer::start()?);
             }
-            self.send(Piece::Open {
-                key: pages_id,
-                path: pages.path.clone(),
-                memory: pages.memory.clone(),
-            });
+            tell(
+                self.writer.as_ref(),
+                Piece::Open {
+                    key: pages_id,
+                    path: pages.path.clone(),
+                    memory: pages.memory.clone(),
+                },
+            );
         }
         self.targets.push(Target {
             dest,
@@ -180,22 +183,17 @@ impl Session {
         Ok(())
     }
 
-    fn send(&self, piece: Piece) {
-        if let Some(w) = &self.writer {
-            w.send(piece);
-        }
-    }
-
     /// The stream is closed: hand the writer what is left of each file, and its end.
     fn end_all(&mut self) {
         for t in &mut self.targets {
             hand_over(self.writer.as_ref(), t, t.received);
-            if let Some(w) = &self.writer {
-                w.send(Piece::End {
+            tell(
+                self.writer.as_ref(),
+                Piece::End {
                     key: t.pages_id,
                     len: t.received,
-                });
-            }
+                },
+            );
         }
     }
 
@@ -256,13 +254,14 @@ impl Session {
                     .map_err(ReceiveError::io("write", &t.pages.path))?;
                 at += n as u64;
             }
-            if let Some(w) = &self.writer {
-                w.send(Piece::InFile {
+            tell(
+                self.writer.as_ref(),
+                Piece::InFile {
                     key: t.pages_id,
                     from,
                     to: end,
-                });
-            }
+                },
+            );
             t.sent = end;
         }
         t.received = end;
@@ -329,6 +328,13 @@ impl Drop for Session {
             let _ = std::fs::remove_file(self.dir.join(format!("pages-{}.img", t.pages_id)));
             let _ = std::fs::remove_file(self.dir.join(t.dest.pagemap_name()));
         }
+    }
+}
+
+/// Tell the writer, if there is one (memory staging).
+fn tell(writer: Option<&Writer>, piece: Piece) {
+    if let Some(w) = writer {
+        w.send(piece);
     }
 }
 

@@ -32,6 +32,16 @@ pub enum Mode {
     PageCache,
 }
 
+impl Mode {
+    /// The name the manifest records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Memory => "memory",
+            Mode::PageCache => "page-cache",
+        }
+    }
+}
+
 /// Memory staging leaves this fraction of the machine's memory (at least
 /// [`MIN_MEMORY_LEFT`]) to everything else.
 const MEMORY_LEFT_DIVISOR: u64 = 16;
@@ -170,7 +180,7 @@ pub fn stage(
     let mut pf = create(dir, key)?;
     let faulted = match mode {
         Mode::PageCache => {
-            pf.map = crate::prefault::map_prefaulted_until(&pf.file, bytes, stop);
+            pf.map = crate::prefault::map_prefaulted(&pf.file, bytes, stop);
             pf.map.as_ref().map_or(0, |m| m.len() as u64)
         }
         Mode::Memory => match Memory::stage(bytes, stop) {
