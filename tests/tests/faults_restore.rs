@@ -208,6 +208,72 @@ fn runc_on(img: &Path, lower: &Lower) -> String {
     )
 }
 
+/// The page images' digests are checked beside CRIU (the rest before anything is touched):
+/// a flipped page byte must still fail the restore before any restored task runs. CRIU's log
+/// says whether it resumed the tasks; and the restored heartbeat, which writes a line to the
+/// restore's stdout at every beat, must write none.
+#[test]
+fn a_flipped_page_byte_is_caught_before_any_restored_task_runs() {
+    let rt = Runtime::cryo();
+    let lower = Lower::new();
+    let keep = tempfile_dir("dmg-pages");
+    let good = good_image(&rt, &lower, &keep);
+    let img = keep.join("flipped");
+    copy_image(&good, &img);
+    let p = largest_pages(&img);
+    flip_byte(&p, std::fs::metadata(&p).unwrap().len() / 2);
+    let b = lower.bundle();
+    let before = tree_digest(&b.rootfs());
+    let id = unique("dmg-pages");
+    let _g = rt.guard(&id);
+    let mut child = rt
+        .cmd()
+        .args(restore_args(&b, &img, &id))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let beats = cryo_tests::runtime::Lines::from_stdout(child.stdout.take().unwrap());
+    let mut stderr = child.stderr.take().unwrap();
+    let said = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "the restore did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The pipe closes once nothing holds it: every restored task is gone.
+    let lines = beats.drain(Duration::from_secs(10));
+    assert!(!status.success(), "a damaged page image restored");
+    assert!(
+        lines.is_empty(),
+        "a restored task ran on damaged pages: {lines:?}"
+    );
+    let err = said.join().unwrap();
+    assert!(
+        err.contains("does not match its recorded") && err.contains("pages-"),
+        "{err}"
+    );
+    let log = std::fs::read_to_string(img.join("restore.log")).unwrap();
+    assert!(
+        log.contains("Aborting restore due to post-restore script"),
+        "CRIU was not stopped at post-restore"
+    );
+    assert!(
+        !log.contains("Tasks resumed"),
+        "CRIU resumed the tasks of a damaged image"
+    );
+    assert_nothing_left(&rt, &id, &b.rootfs(), &before);
+    let _ = std::fs::remove_dir_all(&keep);
+}
+
 /// Each damage of a good image, restored into a fresh overlay: refused with the file named,
 /// nothing touched. runc on the same damaged images, where runc restores such an image.
 #[test]

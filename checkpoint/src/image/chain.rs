@@ -52,6 +52,7 @@ pub fn verify_chain(dir: &Path, how: Thoroughness) -> Result<VerifiedImage, Imag
             )));
         }
         v.files_checked += p.files_checked;
+        v.pages_pending.extend(p.pages_pending);
         v.bytes_checked += p.bytes_checked;
         v.warnings.extend(p.warnings);
         v.ancestors.push(parent_dir.clone());

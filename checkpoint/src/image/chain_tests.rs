@@ -129,3 +129,52 @@ fn links_must_be_what_the_manifest_records() {
         .to_string();
     assert!(e.contains("does not record"), "{e}");
 }
+
+#[test]
+fn page_images_of_the_whole_chain_are_left_to_the_check_beside_criu() {
+    use crate::image::alongside::AlongsideCheck;
+    use crate::image::verify_image_but_pages;
+    let s = tempfile::tempdir().unwrap();
+    let g1 = generation(
+        s.path(),
+        "gen-1",
+        &[("inventory.img", "i1"), ("pages-1.img", "full")],
+        None,
+    );
+    generation(
+        s.path(),
+        "gen-2",
+        &[("inventory.img", "i2"), ("pages-1.img", "d2")],
+        Some(("gen-1", &g1)),
+    );
+    let top = s.path().join("gen-2");
+    let v = verify_image_but_pages(&top).unwrap();
+    let pending: Vec<_> = v
+        .pages_pending
+        .iter()
+        .map(|p| (p.dir.clone(), p.file.clone()))
+        .collect();
+    assert_eq!(
+        pending,
+        [
+            (top.clone(), "pages-1.img".to_string()),
+            (s.path().join("gen-1"), "pages-1.img".to_string())
+        ]
+    );
+    assert_eq!(v.files_checked, 2, "the other files are checked at once");
+
+    // A flipped page byte passes the first look and is caught by the check beside CRIU.
+    std::fs::write(s.path().join("gen-1/pages-1.img"), "fulL").unwrap();
+    let v = verify_image_but_pages(&top).unwrap();
+    let e = AlongsideCheck::start(v.pages_pending).finish().unwrap_err();
+    assert!(
+        matches!(&e, ImageError::Digest { dir, file } if dir.ends_with("gen-1") && file == "pages-1.img"),
+        "{e}"
+    );
+    // A page image of another size, or any other damaged file, is refused at once.
+    std::fs::write(s.path().join("gen-1/pages-1.img"), "ful").unwrap();
+    assert!(verify_image_but_pages(&top).is_err());
+    std::fs::write(s.path().join("gen-1/pages-1.img"), "full").unwrap();
+    std::fs::write(s.path().join("gen-1/inventory.img"), "I1").unwrap();
+    assert!(verify_image_but_pages(&top).is_err());
+}

@@ -2,10 +2,14 @@
 //! file digested into the manifest ([`digest`]), and verified whole before a restore
 //! ([`verify`]).
 
+pub mod alongside;
 pub mod chain;
 pub mod digest;
 pub mod publish;
 pub mod verify;
 
 pub use publish::{Existing, ImageTarget, PublishError, Staging};
-pub use verify::{verify_image, verify_image_alone, ImageError, Thoroughness, VerifiedImage};
+pub use verify::{
+    verify_image, verify_image_alone, verify_image_but_pages, ImageError, Thoroughness,
+    VerifiedImage,
+};

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::alongside::{checked_alongside, PendingDigest};
 use super::digest::digest_file;
 use super::publish::{is_side_file, looks_like_image_file};
 use crate::manifest::{self, Manifest, ManifestError};
@@ -114,6 +115,9 @@ pub struct VerifiedImage {
     pub verify_ms: f64,
     /// The parent generations verified with it, nearest first (incremental images).
     pub ancestors: Vec<PathBuf>,
+    /// Page images whose sizes were checked and whose digests are left to
+    /// [`super::alongside`] ([`Thoroughness::DigestsButPagesAlongside`] only).
+    pub pages_pending: Vec<PendingDigest>,
 }
 
 /// How closely each listed file is checked.
@@ -123,11 +127,20 @@ pub enum Thoroughness {
     Digests,
     /// Present, regular and of its size: a quick look (listing a store, pruning).
     Sizes,
+    /// As `Digests`, except that the page images' digests are handed back to be checked
+    /// while CRIU restores ([`super::alongside`]).
+    DigestsButPagesAlongside,
 }
 
 /// Verify the image in `dir` and the generations it depends on (see the module docs).
 pub fn verify_image(dir: &Path) -> Result<VerifiedImage, ImageError> {
     super::chain::verify_chain(dir, Thoroughness::Digests)
+}
+
+/// Verify the image in `dir` and the generations it depends on, all but the page images'
+/// digests, which come back in [`VerifiedImage::pages_pending`] (see [`super::alongside`]).
+pub fn verify_image_but_pages(dir: &Path) -> Result<VerifiedImage, ImageError> {
+    super::chain::verify_chain(dir, Thoroughness::DigestsButPagesAlongside)
 }
 
 /// Verify the image in `dir` alone, without the generations it depends on.
@@ -148,6 +161,7 @@ pub fn verify_image_alone(dir: &Path, how: Thoroughness) -> Result<VerifiedImage
         bytes_checked: 0,
         verify_ms: 0.0,
         ancestors: Vec::new(),
+        pages_pending: Vec::new(),
     };
     let Some(m) = manifest else {
         if let Some(file) = names.iter().find(|n| written_by_cryo_only(n)) {
@@ -179,6 +193,15 @@ pub fn verify_image_alone(dir: &Path, how: Thoroughness) -> Result<VerifiedImage
         ));
     } else {
         for f in &m.files {
+            if how == Thoroughness::DigestsButPagesAlongside && checked_alongside(&f.name) {
+                check_file(dir, &f.name, f.size, &f.blake3, Thoroughness::Sizes)?;
+                v.pages_pending.push(PendingDigest {
+                    dir: dir.to_path_buf(),
+                    file: f.name.clone(),
+                    blake3: f.blake3.clone(),
+                });
+                continue;
+            }
             check_file(dir, &f.name, f.size, &f.blake3, how)?;
             v.files_checked += 1;
             v.bytes_checked += f.size;

@@ -1,8 +1,10 @@
 //! `cryo restore`: nothing is changed until the image is known good, and everything changed is
 //! undone if the restore does not end in a running container.
 //!
-//! 1. The image is verified whole ([`crate::image::verify_image`]: manifest, every file's size
-//!    and digest, no stranger files) and CRIU checked, before anything is touched.
+//! 1. The image is verified ([`crate::image::verify_image_but_pages`]: manifest, every file's
+//!    size and digest, no stranger files) and CRIU checked, before anything is touched. Only
+//!    the page images' digests are checked later, beside CRIU, and waited for at CRIU's
+//!    `post-restore`, before any restored task runs ([`crate::image::alongside`]).
 //! 2. A guardian process ([`crate::guardian`]) and a journal in the container's state dir
 //!    ([`journal`]) are set up; from here every thing made is recorded before it is made.
 //! 3. The rootfs changeset is applied ([`rootfs_step`]), /dev/shm refilled, compressed pages
@@ -132,8 +134,10 @@ pub struct RestoreReport {
     pub stdio: Vec<String>,
     /// Milliseconds until the process ran again.
     pub restore_ms: f64,
-    /// Milliseconds spent verifying the image.
+    /// Milliseconds spent verifying the image before anything was touched.
     pub verify_ms: f64,
+    /// The page images' check beside CRIU (none: nothing was left to it).
+    pub pages_check: Option<crate::image::alongside::AlongsideTimes>,
     /// What the user should know (an image without manifest, an old format).
     pub warnings: Vec<String>,
 }

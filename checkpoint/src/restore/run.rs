@@ -15,7 +15,8 @@ use crate::criu::lazy::LazyPagesDaemon;
 use crate::criu::{rpc, CallKind, CallObserver, CriuCall, Deadline, Notification};
 use crate::dump::MIN_CRIU;
 use crate::guardian::{Guardian, Order};
-use crate::image::verify_image;
+use crate::image::alongside::{AlongsideCheck, AlongsideTimes};
+use crate::image::{verify_image, verify_image_but_pages, ImageError};
 use crate::manifest::Manifest;
 use crate::plan::{restore_plan, FdSource, RestoreFacts, RestorePlan};
 use crate::{descriptors, facts, flags, rootfs};
@@ -93,6 +94,7 @@ impl RestoreReport {
             stdio: Vec::new(),
             restore_ms: 0.0,
             verify_ms: 0.0,
+            pages_check: None,
             warnings: Vec::new(),
         }
     }
@@ -111,9 +113,19 @@ pub fn restore<'h>(
         cause: Box::new(cause),
         undo_problems: Vec::new(),
     };
-    // 1. Nothing is touched until the image and CRIU are known good.
-    let verified =
-        verify_image(&req.image_dir).map_err(|e| fail("verifying the image", e.into()))?;
+    // 1. Nothing is touched until the image and CRIU are known good: every file, except that
+    // the page images' digests are checked beside CRIU and waited for before any restored
+    // task runs (`image::alongside`). --lazy-pages serves pages after the tasks run: there,
+    // everything is checked first.
+    let mut verified = if req.flags.common.lazy_pages {
+        verify_image(&req.image_dir)
+    } else {
+        verify_image_but_pages(&req.image_dir)
+    }
+    .map_err(|e| fail("verifying the image", e.into()))?;
+    let pages_check = Some(AlongsideCheck::start(std::mem::take(
+        &mut verified.pages_pending,
+    )));
     let manifest = verified.manifest.clone();
     let here = env
         .criu
@@ -205,6 +217,8 @@ pub fn restore<'h>(
         manifest,
         warnings: verified.warnings,
         verify_ms: verified.verify_ms,
+        pages_check,
+        pages_times: None,
     };
     match s.make(host, opts, extra_fds, &compressed, &criu_root) {
         Ok((report, lazy)) => Ok(PendingRestore {
@@ -243,6 +257,10 @@ struct Steps<'r, 'e, 'a> {
     manifest: Option<Manifest>,
     warnings: Vec<String>,
     verify_ms: f64,
+    /// The page images' digests, being checked beside everything else until CRIU's
+    /// `post-restore` waits for them.
+    pages_check: Option<AlongsideCheck>,
+    pages_times: Option<AlongsideTimes>,
 }
 
 impl Steps<'_, '_, '_> {
@@ -346,6 +364,9 @@ impl Steps<'_, '_, '_> {
                 host: &mut *host,
                 console: req.console_socket.clone(),
                 restored: None,
+                pages_check: self.pages_check.take(),
+                pages_times: None,
+                damaged: None,
                 deadline: Deadline {
                     at: t_criu + req.criu_timeout,
                     what: format!(
@@ -356,17 +377,35 @@ impl Steps<'_, '_, '_> {
                 interrupted: self.env.interrupted,
             };
             let r = self.env.criu.call(call, &mut obs);
-            r.map(|o| o.restored_pid.or(obs.restored))
+            self.pages_times = obs.pages_times;
+            match obs.damaged.take() {
+                // CRIU was told to undo the restore at `post-restore`: the damage is the cause.
+                Some(e) => Err(("verifying the image", RestoreCause::Image(e))),
+                None => Ok((
+                    r.map(|o| o.restored_pid.or(obs.restored)),
+                    obs.pages_check.take(),
+                )),
+            }
         };
         host.leave_cgroup();
         drop(mount);
         drop(staged);
+        let (result, unfinished) = result?;
         let pid = result
             .map_err(|e| ("restoring with CRIU", e.into()))?
             .ok_or((
                 "restoring with CRIU",
                 RestoreCause::Host("CRIU reported no restored pid".into()),
             ))?;
+        // CRIU always notifies `post-restore`; should one not have, the check still ends
+        // before the restore is reported (a failure undoes it, the processes included).
+        if let Some(check) = unfinished {
+            self.pages_times = Some(
+                check
+                    .finish()
+                    .map_err(|e| ("verifying the image", RestoreCause::Image(e)))?,
+            );
+        }
         if let Some(pf) = &req.pid_file {
             self.record("writing the pid file", |j| j.pid_file = Some(pf.clone()))?;
             cryo_oci::atomic::write_atomic(pf, pid.to_string().as_bytes()).map_err(|source| {
@@ -389,6 +428,7 @@ impl Steps<'_, '_, '_> {
                 stdio: descriptors::read_stdio(std::process::id() as i32),
                 restore_ms: self.started.elapsed().as_secs_f64() * 1000.0,
                 verify_ms: self.verify_ms,
+                pages_check: self.pages_times,
                 warnings: std::mem::take(&mut self.warnings),
             },
             lazy,
@@ -469,6 +509,11 @@ struct Observer<'x> {
     host: &'x mut dyn RestoreHost,
     console: Option<PathBuf>,
     restored: Option<i32>,
+    /// The page images' check, finished at `post-restore`.
+    pages_check: Option<AlongsideCheck>,
+    pages_times: Option<AlongsideTimes>,
+    /// What that check found wrong (CRIU was then told to undo the restore).
+    damaged: Option<ImageError>,
     deadline: Deadline,
     interrupted: &'x dyn Fn() -> bool,
 }
@@ -487,6 +532,17 @@ impl CallObserver for Observer<'_> {
             "setup-namespaces" => self.host.run_hooks(n.pid),
             "post-restore" => {
                 self.restored = Some(n.pid);
+                // No restored task runs before every page it was given is known good.
+                if let Some(check) = self.pages_check.take() {
+                    match check.finish() {
+                        Ok(t) => self.pages_times = Some(t),
+                        Err(e) => {
+                            let said = e.to_string();
+                            self.damaged = Some(e);
+                            return Err(said);
+                        }
+                    }
+                }
                 self.host.restored(n.pid)
             }
             "orphan-pts-master" => match (n.fd, &self.console) {

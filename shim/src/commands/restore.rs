@@ -137,8 +137,15 @@ pub fn restore_image(
     crate::logging::log(
         "debug",
         &format!(
-            "restored {id} as pid {} in {:.1} ms (image verified in {:.1} ms; {})",
-            report.pid, report.restore_ms, report.verify_ms, report.rootfs_note
+            "restored {id} as pid {} in {:.1} ms (image verified in {:.1} ms{}; {})",
+            report.pid,
+            report.restore_ms,
+            report.verify_ms,
+            report.pages_check.map_or(String::new(), |t| format!(
+                ", its pages beside CRIU in {:.1} ms, waited for {:.1} ms",
+                t.hashed_ms, t.waited_ms
+            )),
+            report.rootfs_note
         ),
     );
     Ok(report.pid)
