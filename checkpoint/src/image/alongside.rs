@@ -44,8 +44,8 @@ pub struct AlongsideCheck {
 
 enum Work {
     Thread(JoinHandle<Result<f64, ImageError>>),
-    /// No thread could be started: the files are checked in [`AlongsideCheck::finish`].
-    Inline(Vec<PendingDigest>),
+    /// No thread could be started: the files were checked in [`AlongsideCheck::start`].
+    Checked(Result<f64, ImageError>),
     Done,
 }
 
@@ -63,16 +63,16 @@ impl AlongsideCheck {
     pub fn start(files: Vec<PendingDigest>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let shared = Arc::new(files);
-        let theirs = shared.clone();
+        let files = Arc::new(files);
+        let theirs = files.clone();
         let work = match std::thread::Builder::new()
             .name("cryo-pages-check".into())
             .spawn(move || check_all(&theirs, &flag))
         {
             Ok(t) => Work::Thread(t),
             Err(e) => {
-                tracing::warn!("cannot start the page check thread ({e}): checking at the end");
-                Work::Inline(Arc::try_unwrap(shared).unwrap_or_else(|a| (*a).clone()))
+                tracing::warn!("cannot start the page check thread ({e}): checking before CRIU");
+                Work::Checked(check_all(&files, &stop))
             }
         };
         Self { stop, work }
@@ -86,7 +86,7 @@ impl AlongsideCheck {
                 path: PathBuf::from("(page images)"),
                 source: std::io::Error::other("the page check thread panicked"),
             })??,
-            Work::Inline(files) => check_all(&files, &self.stop)?,
+            Work::Checked(r) => r?,
             Work::Done => 0.0,
         };
         Ok(AlongsideTimes {

@@ -123,9 +123,8 @@ pub fn restore<'h>(
         verify_image_but_pages(&req.image_dir)
     }
     .map_err(|e| fail("verifying the image", e.into()))?;
-    let pages_check = Some(AlongsideCheck::start(std::mem::take(
-        &mut verified.pages_pending,
-    )));
+    let pending = std::mem::take(&mut verified.pages_pending);
+    let pages_check = (!pending.is_empty()).then(|| AlongsideCheck::start(pending));
     let manifest = verified.manifest.clone();
     let here = env
         .criu
@@ -218,7 +217,6 @@ pub fn restore<'h>(
         warnings: verified.warnings,
         verify_ms: verified.verify_ms,
         pages_check,
-        pages_times: None,
     };
     match s.make(host, opts, extra_fds, &compressed, &criu_root) {
         Ok((report, lazy)) => Ok(PendingRestore {
@@ -260,7 +258,6 @@ struct Steps<'r, 'e, 'a> {
     /// The page images' digests, being checked beside everything else until CRIU's
     /// `post-restore` waits for them.
     pages_check: Option<AlongsideCheck>,
-    pages_times: Option<AlongsideTimes>,
 }
 
 impl Steps<'_, '_, '_> {
@@ -377,20 +374,20 @@ impl Steps<'_, '_, '_> {
                 interrupted: self.env.interrupted,
             };
             let r = self.env.criu.call(call, &mut obs);
-            self.pages_times = obs.pages_times;
             match obs.damaged.take() {
                 // CRIU was told to undo the restore at `post-restore`: the damage is the cause.
                 Some(e) => Err(("verifying the image", RestoreCause::Image(e))),
                 None => Ok((
                     r.map(|o| o.restored_pid.or(obs.restored)),
                     obs.pages_check.take(),
+                    obs.pages_times,
                 )),
             }
         };
         host.leave_cgroup();
         drop(mount);
         drop(staged);
-        let (result, unfinished) = result?;
+        let (result, unfinished, mut pages_times) = result?;
         let pid = result
             .map_err(|e| ("restoring with CRIU", e.into()))?
             .ok_or((
@@ -400,7 +397,7 @@ impl Steps<'_, '_, '_> {
         // CRIU always notifies `post-restore`; should one not have, the check still ends
         // before the restore is reported (a failure undoes it, the processes included).
         if let Some(check) = unfinished {
-            self.pages_times = Some(
+            pages_times = Some(
                 check
                     .finish()
                     .map_err(|e| ("verifying the image", RestoreCause::Image(e)))?,
@@ -428,7 +425,7 @@ impl Steps<'_, '_, '_> {
                 stdio: descriptors::read_stdio(std::process::id() as i32),
                 restore_ms: self.started.elapsed().as_secs_f64() * 1000.0,
                 verify_ms: self.verify_ms,
-                pages_check: self.pages_times,
+                pages_check: pages_times,
                 warnings: std::mem::take(&mut self.warnings),
             },
             lazy,
