@@ -156,7 +156,7 @@ fn images_match(mode: Mode) {
 /// the manifest.
 fn check_digests(
     dir: &Path,
-    digests: &[cryo_checkpoint::image::digest::FileRecord],
+    digests: &[cryo_checkpoint::image::blocks::HashedPages],
     mode: Mode,
     files: usize,
 ) {
@@ -164,9 +164,14 @@ fn check_digests(
         Mode::PageCache => assert!(digests.is_empty()),
         Mode::Memory => {
             assert_eq!(digests.len(), files);
-            for d in digests {
+            for h in digests {
+                let d = &h.record;
                 let (size, blake3) = digest_file(&dir.join(&d.name)).unwrap();
                 assert_eq!((d.size, &d.blake3), (size, &blake3), "{}", d.name);
+                let (blocks, _) =
+                    cryo_checkpoint::image::blocks::BlockDigests::of_file(&dir.join(&d.name))
+                        .unwrap();
+                assert_eq!(h.blocks, blocks, "the block digests of {}", d.name);
             }
         }
     }

@@ -583,3 +583,118 @@ fn shared_memory_generations_restore_exactly() {
     finish_off(r);
     finish_off(c);
 }
+
+/// A restore of a chain checks exactly the page bytes it reads: a flipped byte in a page of
+/// the full generation that later generations replaced does not stop it, and the memory
+/// restored is exactly the newest generation's (so that page really was never read); a
+/// flipped byte in a page it still takes from there is caught, and no generation of the
+/// chain restores.
+#[test]
+fn a_chain_restore_checks_exactly_the_pages_it_reads() {
+    use cryo_checkpoint::image::blocks::BLOCK;
+    use std::os::unix::fs::FileExt;
+    const MIB: u32 = 64;
+    let rt = Runtime::cryo();
+    let store = StoreDir::new();
+    let base = unique("reads");
+    let id = |n: usize| format!("{base}-{n}");
+    let _guards: Vec<_> = (0..3).map(|n| rt.guard(&id(n))).collect();
+    let c = Churn::start(&rt, &id(0), MIB);
+    let mut state = c.state();
+    for _ in 0..3 {
+        state = c.round();
+        rt.ok(&[
+            "checkpoint",
+            "--store",
+            store.path(),
+            "--leave-running",
+            &c.id,
+        ]);
+    }
+    finish_off(c);
+    let gens = ls(&rt, &store);
+    let kinds: Vec<_> = gens.iter().map(|g| g["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["full", "incremental", "incremental"], "{gens:#?}");
+    let dir = |g: &serde_json::Value| store.0.join(g["generation"].as_str().unwrap());
+    let (full, top) = (dir(&gens[0]), dir(&gens[2]));
+    let pages = std::fs::read_dir(&full)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "img"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+        })
+        .max_by_key(|p| p.metadata().unwrap().len())
+        .unwrap();
+    assert!(
+        full.join(format!(
+            "{}.blocks",
+            pages.file_name().unwrap().to_string_lossy()
+        ))
+        .exists(),
+        "the full generation's pages have no block digests"
+    );
+    let reads = cryo_checkpoint::image::reads::pages_read(&top).unwrap();
+    let read = &reads[&pages.canonicalize().unwrap()];
+    let len = pages.metadata().unwrap().len();
+    let unread_block = (0..len / BLOCK)
+        .find(|b| {
+            let (from, to) = (b * BLOCK, (b + 1) * BLOCK);
+            read.iter().all(|&(a, z)| z <= from || a >= to)
+        })
+        .expect("the later generations replaced no whole block of the full one");
+    let flip = |at: u64| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&pages)
+            .unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+    };
+
+    flip(unread_block * BLOCK + 7);
+    let (r, stderr) = Churn::restore_from_store(&rt, &store.0, &id(1), MIB);
+    assert!(!stderr.contains("falling back"), "{stderr}");
+    r.assert_holds(&state);
+    finish_off(r);
+
+    let (from, to) = read[read.len() / 2];
+    flip(from + (to - from) / 2);
+    let bundle = cryo_tests::churn::bundle(MIB);
+    let out = rt
+        .cmd()
+        .args([
+            "restore",
+            "-d",
+            "--store",
+            store.path(),
+            "--bundle",
+            bundle.dir.to_str().unwrap(),
+            &id(2),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "restored from a damaged chain: {stderr}"
+    );
+    let name = pages.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        stderr.contains(&name)
+            && stderr.contains("falling back")
+            && stderr.contains("no generation of checkpoint store"),
+        "{stderr}"
+    );
+    assert!(
+        !rt.run(&["state", &id(2)]).status.success(),
+        "a refused restore left a container"
+    );
+}

@@ -12,7 +12,9 @@ use super::window::{Dumped, Frozen};
 use super::{compress_threads, ms, CheckpointError, DumpError, DumpReport, LeftAs};
 use crate::criu::CallKind;
 use crate::guardian::Order;
-use crate::image::digest::{digest_files, FileRecord};
+use crate::image::alongside::checked_alongside;
+use crate::image::blocks::{blocks_name, BlockDigests, HashedPages};
+use crate::image::digest::{digest_bytes, digest_files, FileRecord};
 use crate::image::publish::is_side_file;
 use crate::manifest::{self, Manifest, PagesRecord, Timings, FORMAT};
 use crate::{facts, rootfs};
@@ -406,19 +408,50 @@ fn flush_and_compress(
 }
 
 /// Digest the image files `names`, but for the pages files the receiver hashed as it wrote them
-/// (the caller drops those digests where the files were rewritten since). In `names`' order.
+/// (the caller drops those digests where the files were rewritten since). Every pages file
+/// also gets its block digests (`image::blocks`), written beside it and digested too.
 fn digest_rest(
     dir: &Path,
     names: Vec<String>,
-    hashed: Vec<FileRecord>,
+    hashed: Vec<HashedPages>,
 ) -> std::io::Result<Vec<FileRecord>> {
-    let (known, rest): (Vec<String>, Vec<String>) = names
-        .into_iter()
-        .partition(|n| hashed.iter().any(|r| &r.name == n));
-    let mut files: Vec<FileRecord> = hashed
-        .into_iter()
-        .filter(|r| known.contains(&r.name))
-        .collect();
+    let mut files = Vec::with_capacity(names.len());
+    let mut rest = Vec::new();
+    for name in names {
+        let pages = if let Some(h) = hashed.iter().find(|h| h.record.name == name) {
+            Some(h.clone())
+        } else if checked_alongside(&name) {
+            let path = dir.join(&name);
+            let (blocks, root) = BlockDigests::of_file(&path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            Some(HashedPages {
+                record: FileRecord {
+                    name: name.clone(),
+                    size: blocks.len,
+                    blake3: root.to_hex().to_string(),
+                },
+                blocks,
+            })
+        } else {
+            None
+        };
+        match pages {
+            Some(p) => {
+                files.push(p.record);
+                if !p.blocks.cvs.is_empty() {
+                    let side = blocks_name(&name);
+                    let bytes = p.blocks.encode();
+                    std::fs::write(dir.join(&side), &bytes)?;
+                    files.push(FileRecord {
+                        name: side,
+                        size: bytes.len() as u64,
+                        blake3: digest_bytes(&bytes),
+                    });
+                }
+            }
+            None => rest.push(name),
+        }
+    }
     files.extend(digest_files(dir, &rest)?);
     files.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(files)

@@ -15,6 +15,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use super::blocks::{blocks_name, BlockDigests};
+use super::in_order::check_in_order;
+use super::reads::{Ranges, Read};
 use super::verify::ImageError;
 
 /// Hashed per step, so that a stop is seen within one step.
@@ -29,6 +32,13 @@ pub struct PendingDigest {
     pub file: String,
     /// BLAKE3 the manifest records, hex.
     pub blake3: String,
+    /// Its size, which the manifest records and was checked.
+    pub size: u64,
+    /// The manifest lists (so verification checked) its block digests ([`super::blocks`]).
+    pub blocks_listed: bool,
+    /// Only these byte ranges are read by the restore, so only the blocks under them are
+    /// checked (set by [`super::reads::narrow_to_reads`]); `None`: the whole file.
+    pub only: Option<Ranges>,
 }
 
 /// Whether a name is a page image whose check may wait for CRIU's `post-restore`.
@@ -40,6 +50,7 @@ pub fn checked_alongside(name: &str) -> bool {
 pub struct AlongsideCheck {
     stop: Arc<AtomicBool>,
     work: Work,
+    unread_bytes: u64,
 }
 
 enum Work {
@@ -56,26 +67,41 @@ pub struct AlongsideTimes {
     pub hashed_ms: f64,
     /// Milliseconds the caller waited for it in [`AlongsideCheck::finish`].
     pub waited_ms: f64,
+    /// Bytes of page images left unchecked because the restore does not read them.
+    pub unread_bytes: u64,
 }
 
 impl AlongsideCheck {
-    /// Start hashing `files`.
-    pub fn start(files: Vec<PendingDigest>) -> Self {
+    /// Start hashing `files`; those checked in part ([`PendingDigest::only`]) in the order of
+    /// `order`, the restore's reads ([`super::reads::ChainReads::in_order`]), before the
+    /// others.
+    pub fn start(files: Vec<PendingDigest>, order: Vec<Read>) -> Self {
+        let unread_bytes = files
+            .iter()
+            .filter_map(|f| {
+                let ranges = f.only.as_ref()?;
+                Some(f.size - ranges.iter().map(|(a, b)| b - a).sum::<u64>().min(f.size))
+            })
+            .sum();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let files = Arc::new(files);
-        let theirs = files.clone();
+        let work = Arc::new((files, order));
+        let theirs = work.clone();
         let work = match std::thread::Builder::new()
             .name("cryo-pages-check".into())
-            .spawn(move || check_all(&theirs, &flag))
+            .spawn(move || check_all(&theirs.0, &theirs.1, &flag))
         {
             Ok(t) => Work::Thread(t),
             Err(e) => {
                 tracing::warn!("cannot start the page check thread ({e}): checking before CRIU");
-                Work::Checked(check_all(&files, &stop))
+                Work::Checked(check_all(&work.0, &work.1, &stop))
             }
         };
-        Self { stop, work }
+        Self {
+            stop,
+            work,
+            unread_bytes,
+        }
     }
 
     /// Wait for the check: its times, or the first file that differs.
@@ -92,6 +118,7 @@ impl AlongsideCheck {
         Ok(AlongsideTimes {
             hashed_ms,
             waited_ms: waiting.elapsed().as_secs_f64() * 1000.0,
+            unread_bytes: self.unread_bytes,
         })
     }
 }
@@ -105,9 +132,18 @@ impl Drop for AlongsideCheck {
     }
 }
 
-fn check_all(files: &[PendingDigest], stop: &AtomicBool) -> Result<f64, ImageError> {
+fn check_all(
+    files: &[PendingDigest],
+    order: &[Read],
+    stop: &AtomicBool,
+) -> Result<f64, ImageError> {
     let started = Instant::now();
-    for f in files {
+    let (parts, whole): (Vec<&PendingDigest>, Vec<&PendingDigest>) =
+        files.iter().partition(|f| f.only.is_some());
+    if !parts.is_empty() {
+        check_in_order(&parts, order, stop)?;
+    }
+    for f in whole {
         check_one(f, stop)?;
     }
     Ok(started.elapsed().as_secs_f64() * 1000.0)
@@ -121,31 +157,64 @@ fn check_one(f: &PendingDigest, stop: &AtomicBool) -> Result<(), ImageError> {
     };
     let file = std::fs::File::open(&path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
-    let mut h = blake3::Hasher::new();
-    if len > 0 {
-        // SAFETY: the mapping is read only and dropped before this function returns. A file
-        // changed under it changes the bytes hashed, which the digest comparison then
-        // reports; one truncated under it could fault, and image files are cryo's own,
-        // written privately and never truncated after publication.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        let _ = map.advise(memmap2::Advice::Sequential);
-        for chunk in map.chunks(STEP) {
-            if stop.load(Ordering::Relaxed) {
-                return Err(io(std::io::Error::new(
-                    std::io::ErrorKind::Interrupted,
-                    "the page check was stopped",
-                )));
-            }
-            h.update_rayon(chunk);
-        }
-    }
-    if h.finalize().to_hex().as_str() != f.blake3 {
+    if !check_whole(&file, len, &f.blake3, stop).map_err(io)? {
         return Err(ImageError::Digest {
             dir: f.dir.clone(),
             file: f.file.clone(),
         });
     }
     Ok(())
+}
+
+/// The block digests of `f` (a file of `len` bytes). The side file was verified with the
+/// manifest; its blocks must also add up to the digest of this very file, or they describe
+/// another one.
+pub(super) fn side_file_of(f: &PendingDigest, len: u64) -> Result<BlockDigests, ImageError> {
+    let side = f.dir.join(blocks_name(&f.file));
+    let bytes = std::fs::read(&side).map_err(|source| ImageError::Io {
+        path: side.clone(),
+        source,
+    })?;
+    BlockDigests::decode(&bytes)
+        .ok()
+        .filter(|b| b.len == len)
+        .filter(|b| b.root().is_some_and(|r| r.to_hex().as_str() == f.blake3))
+        .ok_or_else(|| ImageError::Digest {
+            dir: f.dir.clone(),
+            file: blocks_name(&f.file),
+        })
+}
+
+pub(super) fn stopped() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::Interrupted,
+        "the page check was stopped",
+    )
+}
+
+/// Whether the whole file hashes to `blake3`.
+fn check_whole(
+    file: &std::fs::File,
+    len: u64,
+    blake3: &str,
+    stop: &AtomicBool,
+) -> std::io::Result<bool> {
+    let mut h = blake3::Hasher::new();
+    if len > 0 {
+        // SAFETY: the mapping is read only and dropped before this function returns. A file
+        // changed under it changes the bytes hashed, which the digest comparison then
+        // reports; one truncated under it could fault, and image files are cryo's own,
+        // written privately and never truncated after publication.
+        let map = unsafe { memmap2::Mmap::map(file) }?;
+        let _ = map.advise(memmap2::Advice::Sequential);
+        for chunk in map.chunks(STEP) {
+            if stop.load(Ordering::Relaxed) {
+                return Err(stopped());
+            }
+            h.update_rayon(chunk);
+        }
+    }
+    Ok(h.finalize().to_hex().as_str() == blake3)
 }
 
 #[cfg(test)]
@@ -160,6 +229,9 @@ mod tests {
             dir: dir.to_path_buf(),
             file: name.into(),
             blake3: digest_file(&dir.join(name)).unwrap().1,
+            size: data.len() as u64,
+            blocks_listed: false,
+            only: None,
         }
     }
 
@@ -171,7 +243,7 @@ mod tests {
             pending(d.path(), "pages-1.img", &big),
             pending(d.path(), "pages-2.img", b""),
         ];
-        let t = AlongsideCheck::start(files).finish().unwrap();
+        let t = AlongsideCheck::start(files, Vec::new()).finish().unwrap();
         assert!(t.hashed_ms >= 0.0 && t.waited_ms >= 0.0);
     }
 
@@ -183,7 +255,9 @@ mod tests {
         let bad = pending(d.path(), "pages-2.img", &data);
         data[STEP + 3] ^= 1;
         std::fs::write(d.path().join("pages-2.img"), &data).unwrap();
-        let e = AlongsideCheck::start(vec![good, bad]).finish().unwrap_err();
+        let e = AlongsideCheck::start(vec![good, bad], Vec::new())
+            .finish()
+            .unwrap_err();
         assert!(
             matches!(&e, ImageError::Digest { file, .. } if file == "pages-2.img"),
             "{e}"
@@ -195,7 +269,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = pending(d.path(), "pages-1.img", b"abc");
         std::fs::remove_file(d.path().join("pages-1.img")).unwrap();
-        let e = AlongsideCheck::start(vec![p]).finish().unwrap_err();
+        let e = AlongsideCheck::start(vec![p], Vec::new())
+            .finish()
+            .unwrap_err();
         assert!(e.to_string().contains("pages-1.img"), "{e}");
     }
 

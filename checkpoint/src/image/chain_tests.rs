@@ -166,7 +166,9 @@ fn page_images_of_the_whole_chain_are_left_to_the_check_beside_criu() {
     // A flipped page byte passes the first look and is caught by the check beside CRIU.
     std::fs::write(s.path().join("gen-1/pages-1.img"), "fulL").unwrap();
     let v = verify_image_but_pages(&top).unwrap();
-    let e = AlongsideCheck::start(v.pages_pending).finish().unwrap_err();
+    let e = AlongsideCheck::start(v.pages_pending, Vec::new())
+        .finish()
+        .unwrap_err();
     assert!(
         matches!(&e, ImageError::Digest { dir, file } if dir.ends_with("gen-1") && file == "pages-1.img"),
         "{e}"

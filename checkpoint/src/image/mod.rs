@@ -3,9 +3,12 @@
 //! ([`verify`]).
 
 pub mod alongside;
+pub mod blocks;
 pub mod chain;
 pub mod digest;
+mod in_order;
 pub mod publish;
+pub mod reads;
 pub mod verify;
 
 pub use publish::{Existing, ImageTarget, PublishError, Staging};

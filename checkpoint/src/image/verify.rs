@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::alongside::{checked_alongside, PendingDigest};
+use super::blocks::blocks_name;
 use super::digest::digest_file;
 use super::publish::{is_side_file, looks_like_image_file};
 use crate::manifest::{self, Manifest, ManifestError};
@@ -195,10 +196,14 @@ pub fn verify_image_alone(dir: &Path, how: Thoroughness) -> Result<VerifiedImage
         for f in &m.files {
             if how == Thoroughness::DigestsButPagesAlongside && checked_alongside(&f.name) {
                 check_file(dir, &f.name, f.size, &f.blake3, Thoroughness::Sizes)?;
+                let side = blocks_name(&f.name);
                 v.pages_pending.push(PendingDigest {
                     dir: dir.to_path_buf(),
                     file: f.name.clone(),
                     blake3: f.blake3.clone(),
+                    size: f.size,
+                    blocks_listed: m.files.iter().any(|g| g.name == side),
+                    only: None,
                 });
                 continue;
             }

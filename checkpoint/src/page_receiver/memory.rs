@@ -22,6 +22,7 @@ use std::thread::JoinHandle;
 use memmap2::{Advice, MmapMut, MmapRaw, UncheckedAdvice};
 
 use super::ReceiveError;
+use crate::image::blocks::{BlockHasher, HashedPages};
 use crate::image::digest::FileRecord;
 
 /// Memory is faulted in this much at a time, so that a stop is seen quickly.
@@ -176,7 +177,7 @@ pub enum Piece {
 pub struct Writer {
     tx: Option<Sender<Piece>>,
     abandon: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<HashMap<u32, FileRecord>, ReceiveError>>>,
+    thread: Option<JoinHandle<Result<HashMap<u32, HashedPages>, ReceiveError>>>,
 }
 
 impl Writer {
@@ -209,7 +210,7 @@ impl Writer {
 
     /// Wait until every piece is written; the digests of the files, by pages id (each file's
     /// `name` is left empty for the caller).
-    pub fn finish(mut self) -> Result<HashMap<u32, FileRecord>, ReceiveError> {
+    pub fn finish(mut self) -> Result<HashMap<u32, HashedPages>, ReceiveError> {
         self.tx = None;
         let thread = self
             .thread
@@ -239,7 +240,7 @@ struct Out {
     direct: File,
     buffered: File,
     memory: Option<Memory>,
-    hasher: blake3::Hasher,
+    hasher: BlockHasher,
     hashed: u64,
     /// For reading back what the receiver wrote itself (allocated on first use: most files
     /// have none).
@@ -260,7 +261,7 @@ fn lower_priority() {
 fn write_pieces(
     rx: &Receiver<Piece>,
     abandon: &AtomicBool,
-) -> Result<HashMap<u32, FileRecord>, ReceiveError> {
+) -> Result<HashMap<u32, HashedPages>, ReceiveError> {
     let mut open: HashMap<u32, Out> = HashMap::new();
     let mut done = HashMap::new();
     for piece in rx {
@@ -315,7 +316,7 @@ impl Out {
             direct,
             buffered,
             memory,
-            hasher: blake3::Hasher::new(),
+            hasher: BlockHasher::default(),
             hashed: 0,
             read_back: Vec::new(),
         })
@@ -379,7 +380,7 @@ impl Out {
         }
     }
 
-    fn end(self, len: u64) -> Result<FileRecord, ReceiveError> {
+    fn end(self, len: u64) -> Result<HashedPages, ReceiveError> {
         if len != self.hashed {
             return Err(ReceiveError::Protocol(format!(
                 "{}: {len} bytes received, {} written",
@@ -387,10 +388,14 @@ impl Out {
                 self.hashed
             )));
         }
-        Ok(FileRecord {
-            name: String::new(),
-            size: len,
-            blake3: self.hasher.finalize().to_hex().to_string(),
+        let (blocks, root) = self.hasher.finish();
+        Ok(HashedPages {
+            record: FileRecord {
+                name: String::new(),
+                size: len,
+                blake3: root.to_hex().to_string(),
+            },
+            blocks,
         })
     }
 }
@@ -462,8 +467,15 @@ mod tests {
         expected.extend(&tail);
         assert_eq!(std::fs::read(&path).unwrap(), expected);
         let d = &digests[&4];
-        assert_eq!(d.size, expected.len() as u64);
-        assert_eq!(d.blake3, blake3::hash(&expected).to_hex().to_string());
+        assert_eq!(d.record.size, expected.len() as u64);
+        assert_eq!(
+            d.record.blake3,
+            blake3::hash(&expected).to_hex().to_string()
+        );
+        assert_eq!(
+            d.blocks,
+            crate::image::blocks::BlockDigests::of_bytes(&expected, 1).0
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::memory::{Piece, Writer, PIECE};
 use super::protocol::{self, Command, Dest, HEADER_LEN, PAGE_SIZE, PE_PRESENT};
 use super::staging::{self, Mode, PagesFile};
 use super::ReceiveError;
-use crate::image::digest::FileRecord;
+use crate::image::blocks::HashedPages;
 
 /// Data that did not fit the staged mapping goes through a buffer of this size (small writes
 /// into fresh page cache: see `crate::prefault`).
@@ -45,7 +45,7 @@ pub struct Summary {
     /// Pagemaps written.
     pub pagemaps: usize,
     /// The pages files that were hashed as they were written (memory staging).
-    pub digests: Vec<FileRecord>,
+    pub digests: Vec<HashedPages>,
 }
 
 /// The receiving side of a dump. Dropped unfinished, it removes every file it created.
@@ -291,7 +291,7 @@ impl Session {
             summary.pagemaps += 1;
             let name = format!("pages-{}.img", t.pages_id);
             if let Some(mut d) = digests.remove(&t.pages_id) {
-                d.name.clone_from(&name);
+                d.record.name.clone_from(&name);
                 summary.digests.push(d);
             }
             let pages = self.dir.join(name);

@@ -16,6 +16,7 @@ use crate::criu::{rpc, CallKind, CallObserver, CriuCall, Deadline, Notification}
 use crate::dump::MIN_CRIU;
 use crate::guardian::{Guardian, Order};
 use crate::image::alongside::{AlongsideCheck, AlongsideTimes};
+use crate::image::reads::{chain_reads, narrow_to_reads};
 use crate::image::{verify_image, verify_image_but_pages, ImageError};
 use crate::manifest::Manifest;
 use crate::plan::{restore_plan, FdSource, RestoreFacts, RestorePlan};
@@ -123,8 +124,21 @@ pub fn restore<'h>(
         verify_image_but_pages(&req.image_dir)
     }
     .map_err(|e| fail("verifying the image", e.into()))?;
-    let pending = std::mem::take(&mut verified.pages_pending);
-    let pages_check = (!pending.is_empty()).then(|| AlongsideCheck::start(pending));
+    let mut pending = std::mem::take(&mut verified.pages_pending);
+    // A chain: of its older generations, only the blocks the restore reads are checked, in
+    // the order CRIU reads them (`image::reads`). Should the chain's pagemaps not resolve,
+    // every byte is checked and CRIU reports the break.
+    let mut order = Vec::new();
+    if !verified.ancestors.is_empty() {
+        match chain_reads(&req.image_dir).and_then(|r| {
+            narrow_to_reads(&r, &mut pending)?;
+            Ok(r)
+        }) {
+            Ok(r) => order = r.in_order,
+            Err(e) => tracing::debug!("checking the chain's page images whole: {e}"),
+        }
+    }
+    let pages_check = (!pending.is_empty()).then(|| AlongsideCheck::start(pending, order));
     let manifest = verified.manifest.clone();
     let here = env
         .criu

@@ -20,14 +20,13 @@ use std::sync::Arc;
 
 use memmap2::{Advice, Mmap};
 
+pub use super::extents::MAX_CHAIN;
+use super::extents::{self, short_pages};
 use super::pagemap::{is_pagemap_name, pages_name, Entry, Pagemap};
 use super::{ParentImage, ParentRecord, StoreError, PARENT_LINK};
 use crate::image::digest::{digest_file, FileRecord};
 use crate::page_receiver::protocol::{PAGE_SIZE, PE_PARENT};
 use crate::prefault::{SmallWrites, WRITE_CHUNK};
-
-/// Longest chain of parents followed (a loop of links can never be a real chain this long).
-pub const MAX_CHAIN: usize = 1000;
 
 /// What the comparison kept.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,24 +39,23 @@ pub struct Increment {
     pub parent_bytes: u64,
 }
 
-/// A run of pages stored in some pages image of a chain.
-#[derive(Debug, Clone)]
-struct Extent {
-    vaddr: u64,
-    nr_pages: u64,
-    file: Arc<Mmap>,
-    offset: u64,
+/// A run of pages of the parent's chain, mapped.
+type Extent = super::extents::Extent<Arc<Mmap>>;
+
+/// The page at `vaddr` of extent `x` (which holds it).
+fn page_of(x: &Extent, vaddr: u64) -> &[u8] {
+    let at = (x.offset + (vaddr - x.vaddr)) as usize;
+    &x.file[at..at + PAGE_SIZE as usize]
 }
 
-impl Extent {
-    fn end(&self) -> u64 {
-        self.vaddr + self.nr_pages * PAGE_SIZE
-    }
-
-    fn page(&self, vaddr: u64) -> &[u8] {
-        let at = (self.offset + (vaddr - self.vaddr)) as usize;
-        &self.file[at..at + PAGE_SIZE as usize]
-    }
+/// Where every page of pagemap `name` of the generation in `dir` is, mapped.
+fn locate(dir: &Path, name: &str) -> Result<Vec<Extent>, StoreError> {
+    extents::locate(dir, name, &|p| {
+        Ok(map_file(p)?.map(|m| {
+            let len = m.len() as u64;
+            (m, len)
+        }))
+    })
 }
 
 /// Replace the full pages images in `dir` (a staging directory) by what changed since the
@@ -72,7 +70,7 @@ pub fn make_incremental(dir: &Path, parent_dir: &Path) -> Result<Increment, Stor
     names.sort();
     let mut inc = Increment::default();
     for name in names {
-        let base = locate(parent_dir, &name, 1)?;
+        let base = locate(parent_dir, &name)?;
         let (written, parent) = compare_one(dir, &name, &base)?;
         inc.pagemaps += 1;
         inc.written_bytes += written;
@@ -200,83 +198,6 @@ impl Delta<'_> {
     }
 }
 
-/// Where every page of pagemap `name` of the generation in `dir` is stored, following its
-/// `parent` links: runs in ascending order. A generation without that pagemap has none of
-/// its pages (CRIU reads a missing pagemap as an empty one).
-fn locate(dir: &Path, name: &str, depth: usize) -> Result<Vec<Extent>, StoreError> {
-    if depth > MAX_CHAIN {
-        return Err(StoreError::Chain {
-            dir: dir.to_path_buf(),
-            reason: format!("its chain of parents is longer than {MAX_CHAIN} (a loop of links?)"),
-        });
-    }
-    let path = dir.join(name);
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let pm = Pagemap::read(&path)?;
-    let pages_path = dir.join(pages_name(pm.pages_id));
-    let pages = map_file(&pages_path)?;
-    let inherited = if pm.entries.iter().any(Entry::in_parent) {
-        locate(&dir.join(PARENT_LINK), name, depth + 1)?
-    } else {
-        Vec::new()
-    };
-    let mut out = Vec::with_capacity(pm.entries.len());
-    let (mut off, mut cursor) = (0u64, 0usize);
-    for e in &pm.entries {
-        if e.present() {
-            let file = pages
-                .as_ref()
-                .filter(|p| off + e.len() <= p.len() as u64)
-                .ok_or_else(|| short_pages(&pages_path, &path))?;
-            out.push(Extent {
-                vaddr: e.vaddr,
-                nr_pages: e.nr_pages,
-                file: file.clone(),
-                offset: off,
-            });
-            off += e.len();
-        } else if e.in_parent() {
-            take_inherited(&inherited, &mut cursor, e, &mut out).map_err(|vaddr| {
-                StoreError::Chain {
-                    dir: dir.to_path_buf(),
-                    reason: format!(
-                        "{name} leaves the page at 0x{vaddr:x} to its parent, which does not have it"
-                    ),
-                }
-            })?;
-        }
-    }
-    Ok(out)
-}
-
-/// Append the parent's runs covering entry `e` to `out`; the address of a page the parent
-/// lacks is the error.
-fn take_inherited(
-    src: &[Extent],
-    cursor: &mut usize,
-    e: &Entry,
-    out: &mut Vec<Extent>,
-) -> Result<(), u64> {
-    let mut at = e.vaddr;
-    while at < e.end() {
-        while src.get(*cursor).is_some_and(|x| x.end() <= at) {
-            *cursor += 1;
-        }
-        let x = src.get(*cursor).filter(|x| x.vaddr <= at).ok_or(at)?;
-        let upto = x.end().min(e.end());
-        out.push(Extent {
-            vaddr: at,
-            nr_pages: (upto - at) / PAGE_SIZE,
-            file: x.file.clone(),
-            offset: x.offset + (at - x.vaddr),
-        });
-        at = upto;
-    }
-    Ok(())
-}
-
 /// The parent's page at `vaddr`, if it has one; `cursor` only moves forward (addresses are
 /// asked in ascending order).
 fn parent_page<'a>(base: &'a [Extent], cursor: &mut usize, vaddr: u64) -> Option<&'a [u8]> {
@@ -285,18 +206,7 @@ fn parent_page<'a>(base: &'a [Extent], cursor: &mut usize, vaddr: u64) -> Option
     }
     base.get(*cursor)
         .filter(|x| x.vaddr <= vaddr)
-        .map(|x| x.page(vaddr))
-}
-
-fn short_pages(pages: &Path, pagemap: &Path) -> StoreError {
-    StoreError::Chain {
-        dir: pages.parent().unwrap_or(Path::new("")).to_path_buf(),
-        reason: format!(
-            "{} holds fewer pages than {} lists",
-            pages.display(),
-            pagemap.display()
-        ),
-    }
+        .map(|x| page_of(x, vaddr))
 }
 
 /// Map a pages image read-only (`None` when it is empty or absent).

@@ -20,6 +20,7 @@
 
 pub mod check;
 pub mod delta;
+pub mod extents;
 pub mod lock;
 pub mod pagemap;
 pub mod parent;

@@ -142,8 +142,11 @@ pub fn restore_image(
             report.restore_ms,
             report.verify_ms,
             report.pages_check.map_or(String::new(), |t| format!(
-                ", its pages beside CRIU in {:.1} ms, waited for {:.1} ms",
-                t.hashed_ms, t.waited_ms
+                ", its pages beside CRIU in {:.1} ms, waited for {:.1} ms, \
+                 {} MiB not read by the restore left unchecked",
+                t.hashed_ms,
+                t.waited_ms,
+                t.unread_bytes >> 20
             )),
             report.rootfs_note
         ),
