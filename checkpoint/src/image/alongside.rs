@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use super::blocks::{blocks_name, BlockDigests};
 use super::in_order::check_in_order;
-use super::reads::{Ranges, Read};
+use super::reads::{PageRead, Ranges};
 use super::verify::ImageError;
 
 /// Hashed per step, so that a stop is seen within one step.
@@ -75,7 +75,7 @@ impl AlongsideCheck {
     /// Start hashing `files`; those checked in part ([`PendingDigest::only`]) in the order of
     /// `order`, the restore's reads ([`super::reads::ChainReads::in_order`]), before the
     /// others.
-    pub fn start(files: Vec<PendingDigest>, order: Vec<Read>) -> Self {
+    pub fn start(files: Vec<PendingDigest>, order: Vec<PageRead>) -> Self {
         let unread_bytes = files
             .iter()
             .filter_map(|f| {
@@ -134,7 +134,7 @@ impl Drop for AlongsideCheck {
 
 fn check_all(
     files: &[PendingDigest],
-    order: &[Read],
+    order: &[PageRead],
     stop: &AtomicBool,
 ) -> Result<f64, ImageError> {
     let started = Instant::now();

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::alongside::{side_file_of, stopped, PendingDigest};
 use super::blocks::{BlockDigests, BLOCK};
-use super::reads::Read;
+use super::reads::PageRead;
 use super::verify::ImageError;
 
 /// How far ahead of the check the kernel is asked to read.
@@ -79,7 +79,7 @@ impl Part<'_> {
 /// from the same [`super::reads::ChainReads`]).
 pub(super) fn check_in_order(
     parts: &[&PendingDigest],
-    order: &[Read],
+    order: &[PageRead],
     stop: &AtomicBool,
 ) -> Result<(), ImageError> {
     let mut open = Vec::with_capacity(parts.len());

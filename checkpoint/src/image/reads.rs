@@ -9,14 +9,14 @@ use std::sync::Arc;
 
 use super::alongside::PendingDigest;
 use crate::store::extents::locate;
-use crate::store::pagemap::is_pagemap_name;
+use crate::store::pagemap::pagemap_names;
 use crate::store::StoreError;
 
 /// Byte ranges `[from, to)`, sorted and merged.
 pub type Ranges = Vec<(u64, u64)>;
 
 /// One read of a restore: (pages file by canonical path, offset, length).
-pub type Read = (Arc<PathBuf>, u64, u64);
+pub type PageRead = (Arc<PathBuf>, u64, u64);
 
 /// What restoring a chain reads of its pages files.
 #[derive(Debug, Default)]
@@ -24,18 +24,12 @@ pub struct ChainReads {
     /// The ranges of every pages file (by canonical path), sorted and merged.
     pub by_file: HashMap<PathBuf, Ranges>,
     /// Every read in the order CRIU makes them (by address).
-    pub in_order: Vec<Read>,
+    pub in_order: Vec<PageRead>,
 }
 
 /// What restoring the image in `top` reads, through its `parent` links.
 pub fn chain_reads(top: &Path) -> Result<ChainReads, StoreError> {
-    let mut names: Vec<String> = std::fs::read_dir(top)
-        .map_err(StoreError::io("list", top))?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| is_pagemap_name(n))
-        .collect();
-    names.sort();
+    let names = pagemap_names(top)?;
     let open = |p: &Path| -> Result<Option<(Arc<PathBuf>, u64)>, StoreError> {
         let len = match std::fs::metadata(p) {
             Ok(m) => m.len(),

@@ -22,7 +22,7 @@ use memmap2::{Advice, Mmap};
 
 pub use super::extents::MAX_CHAIN;
 use super::extents::{self, short_pages};
-use super::pagemap::{is_pagemap_name, pages_name, Entry, Pagemap};
+use super::pagemap::{pagemap_names, pages_name, Entry, Pagemap};
 use super::{ParentImage, ParentRecord, StoreError, PARENT_LINK};
 use crate::image::digest::{digest_file, FileRecord};
 use crate::page_receiver::protocol::{PAGE_SIZE, PE_PARENT};
@@ -61,13 +61,7 @@ fn locate(dir: &Path, name: &str) -> Result<Vec<Extent>, StoreError> {
 /// Replace the full pages images in `dir` (a staging directory) by what changed since the
 /// generation in `parent_dir`. Call after the thaw, before the images are synced.
 pub fn make_incremental(dir: &Path, parent_dir: &Path) -> Result<Increment, StoreError> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map_err(StoreError::io("list", dir))?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| is_pagemap_name(n))
-        .collect();
-    names.sort();
+    let names = pagemap_names(dir)?;
     let mut inc = Increment::default();
     for name in names {
         let base = locate(parent_dir, &name)?;

@@ -142,6 +142,18 @@ pub fn is_pagemap_name(name: &str) -> bool {
     name.starts_with("pagemap-") && name.ends_with(".img")
 }
 
+/// The pagemap images in `dir`, sorted.
+pub fn pagemap_names(dir: &Path) -> Result<Vec<String>, super::StoreError> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(super::StoreError::io("list", dir))?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| is_pagemap_name(n))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// CRIU's record framing: a native-endian u32 length, then the message.
 struct Records<'a> {
     bytes: &'a [u8],
