@@ -441,7 +441,18 @@ fn digest_rest(
                 if !p.blocks.cvs.is_empty() {
                     let side = blocks_name(&name);
                     let bytes = p.blocks.encode();
-                    std::fs::write(dir.join(&side), &bytes)?;
+                    {
+                        use std::io::Write;
+                        use std::os::unix::fs::OpenOptionsExt;
+                        // Private, like the pages it describes.
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(true)
+                            .mode(0o600)
+                            .open(dir.join(&side))?
+                            .write_all(&bytes)?;
+                    }
                     files.push(FileRecord {
                         name: side,
                         size: bytes.len() as u64,
