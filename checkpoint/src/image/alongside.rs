@@ -7,7 +7,9 @@
 //! (every task restored, none resumed) and answers with an error when a digest differs, which
 //! makes CRIU kill the tasks and fail. Everything else (the manifest, the pagemaps, the
 //! rootfs changeset, CRIU's other images) is still verified before anything is touched:
-//! those steer what CRIU and cryo do, page bytes do not.
+//! those steer what CRIU and cryo do, page bytes do not. Of a store chain's older
+//! generations, only the blocks the restore reads are checked ([`super::reads`],
+//! `image/in_order.rs`); every other pages file is hashed whole.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
