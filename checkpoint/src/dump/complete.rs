@@ -15,7 +15,7 @@ use crate::guardian::Order;
 use crate::image::alongside::checked_alongside;
 use crate::image::blocks::{blocks_name, BlockDigests, HashedPages};
 use crate::image::digest::{digest_bytes, digest_files, FileRecord};
-use crate::image::publish::is_side_file;
+use crate::image::publish::{is_side_file, write_private_file};
 use crate::manifest::{self, Manifest, PagesRecord, Timings, FORMAT};
 use crate::{facts, rootfs};
 
@@ -415,11 +415,15 @@ fn digest_rest(
     names: Vec<String>,
     hashed: Vec<HashedPages>,
 ) -> std::io::Result<Vec<FileRecord>> {
+    let mut hashed: std::collections::HashMap<String, HashedPages> = hashed
+        .into_iter()
+        .map(|h| (h.record.name.clone(), h))
+        .collect();
     let mut files = Vec::with_capacity(names.len());
     let mut rest = Vec::new();
     for name in names {
-        let pages = if let Some(h) = hashed.iter().find(|h| h.record.name == name) {
-            Some(h.clone())
+        let pages = if let Some(h) = hashed.remove(&name) {
+            Some(h)
         } else if checked_alongside(&name) {
             let path = dir.join(&name);
             let (blocks, root) = BlockDigests::of_file(&path)
@@ -441,18 +445,7 @@ fn digest_rest(
                 if !p.blocks.cvs.is_empty() {
                     let side = blocks_name(&name);
                     let bytes = p.blocks.encode();
-                    {
-                        use std::io::Write;
-                        use std::os::unix::fs::OpenOptionsExt;
-                        // Private, like the pages it describes.
-                        std::fs::OpenOptions::new()
-                            .write(true)
-                            .create(true)
-                            .truncate(true)
-                            .mode(0o600)
-                            .open(dir.join(&side))?
-                            .write_all(&bytes)?;
-                    }
+                    write_private_file(&dir.join(&side), &bytes)?;
                     files.push(FileRecord {
                         name: side,
                         size: bytes.len() as u64,

@@ -223,6 +223,24 @@ fn classify_group(dir: &Path, names: &[String]) -> Result<Existing, PublishError
     Ok(Existing::Checkpoint)
 }
 
+/// Create (or truncate) a file of an image, readable by its owner only: image files describe
+/// the container's memory and files.
+pub fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Write `bytes` as a file of an image ([`create_private_file`]).
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    create_private_file(path)?.write_all(bytes)
+}
+
 /// Names CRIU and cryo give the files of an image (for images whose manifest lists none).
 pub fn looks_like_image_file(name: &str) -> bool {
     name.ends_with(".img")

@@ -79,13 +79,12 @@ fn merged(mut ranges: Ranges) -> Ranges {
 }
 
 /// Narrow the pending checks to what the restore reads (`reads`): a pages file with block
-/// digests that is read only in part gets those ranges to check. Returns the bytes left
-/// unchecked (pages later generations replaced).
+/// digests that is read only in part gets those ranges to check (what that leaves unchecked
+/// is [`super::alongside::AlongsideTimes::unread_bytes`]).
 pub fn narrow_to_reads(
     reads: &ChainReads,
     pending: &mut [PendingDigest],
-) -> Result<u64, StoreError> {
-    let mut skipped = 0;
+) -> Result<(), StoreError> {
     for p in pending.iter_mut().filter(|p| p.blocks_listed) {
         let path = p.dir.join(&p.file);
         let real = path
@@ -94,11 +93,10 @@ pub fn narrow_to_reads(
         let ranges = reads.by_file.get(&real).cloned().unwrap_or_default();
         let read: u64 = ranges.iter().map(|(a, b)| b - a).sum();
         if read < p.size {
-            skipped += p.size - read;
             p.only = Some(ranges);
         }
     }
-    Ok(skipped)
+    Ok(())
 }
 
 #[cfg(test)]

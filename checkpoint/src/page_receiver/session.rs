@@ -360,13 +360,5 @@ fn write<S: Write>(stream: &mut S, bytes: &[u8]) -> Result<(), ReceiveError> {
 
 /// A new file readable by its owner only (image files describe the container's memory).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ReceiveError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(bytes))
-        .map_err(ReceiveError::io("write", path))
+    crate::image::publish::write_private_file(path, bytes).map_err(ReceiveError::io("write", path))
 }

@@ -25,6 +25,7 @@ use super::extents::{self, short_pages};
 use super::pagemap::{pagemap_names, pages_name, Entry, Pagemap};
 use super::{ParentImage, ParentRecord, StoreError, PARENT_LINK};
 use crate::image::digest::{digest_file, FileRecord};
+use crate::image::publish::{create_private_file, write_private_file};
 use crate::page_receiver::protocol::{PAGE_SIZE, PE_PARENT};
 use crate::prefault::{SmallWrites, WRITE_CHUNK};
 
@@ -222,19 +223,11 @@ fn map_file(path: &Path) -> Result<Option<Arc<Mmap>>, StoreError> {
 }
 
 fn create_private(path: &Path) -> Result<File, StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(StoreError::io("create", path))
+    create_private_file(path).map_err(StoreError::io("create", path))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let mut f = create_private(path)?;
-    f.write_all(bytes).map_err(StoreError::io("write", path))
+    write_private_file(path, bytes).map_err(StoreError::io("write", path))
 }
 
 /// Files of the new image (`files`, digested) that are identical to the parent's become hard
