@@ -599,22 +599,8 @@ fn a_chain_restore_checks_exactly_the_pages_it_reads() {
     let base = unique("reads");
     let id = |n: usize| format!("{base}-{n}");
     let _guards: Vec<_> = (0..3).map(|n| rt.guard(&id(n))).collect();
-    let c = Churn::start(&rt, &id(0), MIB);
-    let mut state = c.state();
-    for _ in 0..3 {
-        state = c.round();
-        rt.ok(&[
-            "checkpoint",
-            "--store",
-            store.path(),
-            "--leave-running",
-            &c.id,
-        ]);
-    }
-    finish_off(c);
+    let state = three_generations(&rt, &store, &id(0), MIB);
     let gens = ls(&rt, &store);
-    let kinds: Vec<_> = gens.iter().map(|g| g["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["full", "incremental", "incremental"], "{gens:#?}");
     let dir = |g: &serde_json::Value| store.0.join(g["generation"].as_str().unwrap());
     let (full, top) = (dir(&gens[0]), dir(&gens[2]));
     let pages = std::fs::read_dir(&full)
@@ -697,4 +683,113 @@ fn a_chain_restore_checks_exactly_the_pages_it_reads() {
         !rt.run(&["state", &id(2)]).status.success(),
         "a refused restore left a container"
     );
+}
+
+/// A full generation and two incremental ones of a churn workload of `mib` MiB run as `id`
+/// (gone afterwards); the state the newest one holds.
+fn three_generations(rt: &Runtime, store: &StoreDir, id: &str, mib: u32) -> State {
+    let c = Churn::start(rt, id, mib);
+    let mut state = c.state();
+    for _ in 0..3 {
+        state = c.round();
+        rt.ok(&[
+            "checkpoint",
+            "--store",
+            store.path(),
+            "--leave-running",
+            &c.id,
+        ]);
+    }
+    finish_off(c);
+    let gens = ls(rt, store);
+    let kinds: Vec<_> = gens.iter().map(|g| g["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["full", "incremental", "incremental"], "{gens:#?}");
+    state
+}
+
+/// A chain restore SIGKILLed while it checks the older generations' blocks beside CRIU (the
+/// moment: cryo's page check thread runs and CRIU is restoring): nothing is left (no state,
+/// no process, no cgroup), the bundle's rootfs is as it was, every generation still verifies,
+/// and the newest restores exactly afterwards.
+#[test]
+fn a_chain_restore_killed_inside_its_page_check_leaves_nothing() {
+    use cryo_tests::faults::{criu_child, has_open};
+    use cryo_tests::tree_digest::tree_digest;
+    // Big enough that the check of the older generations outlasts the polling.
+    const MIB: u32 = 512;
+    let rt = Runtime::cryo();
+    let store = StoreDir::new();
+    let base = unique("chk-kill");
+    let id = |n: usize| format!("{base}-{n}");
+    let _guards: Vec<_> = (0..3).map(|n| rt.guard(&id(n))).collect();
+    let state = three_generations(&rt, &store, &id(0), MIB);
+    let bundle = cryo_tests::churn::bundle(MIB);
+    let before = tree_digest(&bundle.rootfs());
+    let mut child = rt
+        .cmd()
+        .args([
+            "restore",
+            "-d",
+            "--store",
+            store.path(),
+            "--bundle",
+            bundle.dir.to_str().unwrap(),
+            &id(1),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let checking = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "cryo-pages-chec")
+            })
+    };
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the restore ended before its page check was seen beside CRIU: case not reached"
+        );
+        assert!(Instant::now() < end, "the page check never ran beside CRIU");
+        let criu = criu_child(child.id()).filter(|&c| has_open(c, "restore.log"));
+        if criu.is_some() && checking(child.id()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    signal(child.id() as i32, Signal::SIGKILL);
+    let _ = child.wait();
+    // The guardian undoes the restore.
+    let end = Instant::now() + Duration::from_secs(15);
+    while rt.root.join(id(1)).exists() || !processes_mentioning(&id(1)).is_empty() {
+        assert!(
+            Instant::now() < end,
+            "left: state dir {}, processes {:?}",
+            rt.root.join(id(1)).exists(),
+            processes_mentioning(&id(1))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(rt.fails(&["state", &id(1)]).contains("does not exist"));
+    for name in [format!(":youki:{}", id(1)), id(1)] {
+        cryo_tests::cgroups::assert_no_cgroup(&name);
+    }
+    assert!(
+        tree_digest(&bundle.rootfs()) == before,
+        "the killed restore changed the bundle's rootfs"
+    );
+    rt.ok(&["delete", "--force", &id(1)]);
+    let gens = ls(&rt, &store);
+    assert!(gens.iter().all(|g| g["verified"] == true), "{gens:#?}");
+    let (r, stderr) = Churn::restore_from_store(&rt, &store.0, &id(2), MIB);
+    assert!(!stderr.contains("falling back"), "{stderr}");
+    r.assert_holds(&state);
+    finish_off(r);
 }
