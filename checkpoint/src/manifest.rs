@@ -174,6 +174,10 @@ pub struct Manifest {
     /// did not change since are read from there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<crate::store::ParentRecord>,
+    /// The store generation this full image shares its unchanged pages' extents with
+    /// ([`crate::store::shared`]). Informational: it restores without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares: Option<crate::store::SharesRecord>,
     /// What a reader must understand to restore this image ([`KNOWN_REQUIREMENTS`]).
     #[serde(default)]
     pub requires: Vec<String>,
@@ -384,6 +388,7 @@ pub(crate) mod tests {
                 blake3: "ab".repeat(32),
             }],
             parent: None,
+            shares: None,
             requires: vec![],
             manifest_blake3: String::new(),
         }

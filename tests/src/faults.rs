@@ -420,6 +420,60 @@ impl Drop for Tmpfs {
     }
 }
 
+/// An XFS (a file system that clones ranges between files) on a loop device, mounted at a
+/// fresh directory; unmounted and removed on drop. Needs `mkfs.xfs` (xfsprogs, which
+/// `scripts/setup` installs).
+pub struct Xfs {
+    /// Its mount point.
+    pub dir: PathBuf,
+    image: PathBuf,
+}
+
+impl Xfs {
+    /// Make and mount one of `size` bytes (sparse).
+    pub fn new(size: u64) -> Self {
+        let base = std::env::temp_dir().join(crate::unique("cryo-xfs"));
+        let (image, dir) = (base.with_extension("img"), base);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let made = Command::new("mkfs.xfs")
+            .arg("-q")
+            .arg(&image)
+            .status()
+            .expect("mkfs.xfs is needed for this test: install xfsprogs (scripts/setup does)");
+        assert!(made.success(), "mkfs.xfs {} failed", image.display());
+        let st = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "loop-mounting an XFS image at {} failed (this test runs as root)",
+            dir.display()
+        );
+        Self { dir, image }
+    }
+
+    /// Bytes in use on it.
+    pub fn used(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(&self.dir).unwrap();
+        (s.blocks() - s.blocks_free()) * s.fragment_size()
+    }
+}
+
+impl Drop for Xfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
 /// One row of the reliability table: the case, what cryo did, what runc did ("-" where the
 /// case does not apply to runc). Rows go to `$CRYO_FAULT_TABLE` (default
 /// `target/fault-table.tsv`), which `scripts/test` prints after the run.

@@ -2,7 +2,8 @@
 //! restored exactly as they were (memory and files, checked by the workload itself), a
 //! damaged newest generation passed over with a note, periodic mode ending cleanly, and
 //! `checkpoint --every` killed at random instants never leaving a store whose newest complete
-//! generation does not restore.
+//! generation does not restore; on ext4 (chains of `parent` links) and on XFS (generations
+//! that share extents).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -254,9 +255,20 @@ fn flip_a_byte_of_the_largest_file(dir: &Path) {
 /// checks), with no fallback.
 #[test]
 fn killing_periodic_checkpoints_never_leaves_a_broken_newest_generation() {
+    kill_periodic_checkpoints(&StoreDir::new());
+}
+
+/// The same where generations share extents instead of chaining (XFS): the kills land in
+/// the cloning too.
+#[test]
+fn killing_periodic_checkpoints_that_share_extents_never_leaves_a_broken_newest_generation() {
+    let fs = cryo_tests::faults::Xfs::new(3 << 30);
+    kill_periodic_checkpoints(&StoreDir(fs.dir.join("store")));
+}
+
+fn kill_periodic_checkpoints(store: &StoreDir) {
     const MIB: u32 = 256;
     let rt = Runtime::cryo();
-    let store = StoreDir::new();
     let mut rng = Rng::new();
     let id = unique("every");
     let _g = rt.guard(&id);
@@ -304,7 +316,7 @@ fn killing_periodic_checkpoints_never_leaves_a_broken_newest_generation() {
             "frozen after a kill at {at:?}"
         );
         assert_eq!(rt.state(&id)["status"], "running");
-        let gens = ls(&rt, &store);
+        let gens = ls(&rt, store);
         let complete: Vec<_> = gens
             .iter()
             .filter(|g| {
@@ -356,7 +368,7 @@ fn killing_periodic_checkpoints_never_leaves_a_broken_newest_generation() {
         .filter(|n| n.starts_with('.') && n != ".cryo-store.lock")
         .collect();
     assert!(debris.is_empty(), "{debris:?}");
-    assert!(ls(&rt, &store).iter().all(|g| g["verified"] == true));
+    assert!(ls(&rt, store).iter().all(|g| g["verified"] == true));
     finish_off(c);
 }
 
@@ -789,6 +801,147 @@ fn a_chain_restore_killed_inside_its_page_check_leaves_nothing() {
     let gens = ls(&rt, &store);
     assert!(gens.iter().all(|g| g["verified"] == true), "{gens:#?}");
     let (r, stderr) = Churn::restore_from_store(&rt, &store.0, &id(2), MIB);
+    assert!(!stderr.contains("falling back"), "{stderr}");
+    r.assert_holds(&state);
+    finish_off(r);
+}
+
+/// On a file system that clones ranges (XFS), every generation after the first is a full
+/// image that shares its unchanged pages' extents with the one before: no `parent` link, the
+/// changed pages all it adds to the disk, older generations pruned without regard to the
+/// newer ones, and the newest restored exactly. A checkpoint SIGKILLed while it builds the
+/// shared pages image (the moment: its temporary file exists) leaves no generation and the
+/// container running; the next checkpoint, and the restore of it, are exact.
+#[test]
+fn on_a_reflink_file_system_generations_share_extents_and_stand_alone() {
+    use cryo_tests::faults::Xfs;
+    const MIB: u32 = 256;
+    let fs = Xfs::new(3 << 30);
+    let store = StoreDir(fs.dir.join("store"));
+    let rt = Runtime::cryo();
+    let base = unique("reflink");
+    let id = |n: usize| format!("{base}-{n}");
+    let _guards: Vec<_> = (0..2).map(|n| rt.guard(&id(n))).collect();
+    let c = Churn::start(&rt, &id(0), MIB);
+    let checkpoint = |c: &Churn| {
+        rt.ok(&[
+            "checkpoint",
+            "--store",
+            store.path(),
+            "--keep",
+            "2",
+            "--leave-running",
+            &c.id,
+        ])
+    };
+    let mut written_names = Vec::new();
+    for round in 0..4 {
+        c.round();
+        let before = fs.used();
+        let out = checkpoint(&c);
+        let grew = fs.used().saturating_sub(before);
+        written_names.push(written(&out));
+        if round > 0 {
+            assert!(
+                out.contains("sharing the extents of"),
+                "round {round}: {out}"
+            );
+            assert!(
+                grew < u64::from(MIB) << 18,
+                "round {round}: a shared generation took {grew} bytes of the disk: {out}"
+            );
+        }
+    }
+    let gens = ls(&rt, &store);
+    let names: Vec<_> = gens
+        .iter()
+        .map(|g| g["generation"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, written_names[2..], "{gens:#?}");
+    for g in &gens {
+        assert_eq!(g["kind"], "shared", "{gens:#?}");
+        assert_eq!(g["verified"], true, "{gens:#?}");
+        assert!(g["pages_shared"].as_u64().unwrap() > 0, "{gens:#?}");
+        let dir = store.0.join(g["generation"].as_str().unwrap());
+        assert!(
+            std::fs::symlink_metadata(dir.join("parent")).is_err(),
+            "{} has a parent link",
+            dir.display()
+        );
+    }
+
+    // Killed while it builds the shared pages image.
+    c.round();
+    let mut child = rt
+        .cmd()
+        .args([
+            "checkpoint",
+            "--store",
+            store.path(),
+            "--keep",
+            "2",
+            "--leave-running",
+            &c.id,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let building = || {
+        std::fs::read_dir(&store.0)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|staging| {
+                std::fs::read_dir(staging.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|f| f.file_name().to_string_lossy().starts_with(".cryo-shared-"))
+            })
+    };
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the checkpoint ended before its shared pages image was seen: case not reached"
+        );
+        assert!(Instant::now() < end, "no shared pages image was ever built");
+        if building() {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    signal(child.id() as i32, Signal::SIGKILL);
+    let _ = child.wait();
+    assert!(
+        c.beating(Duration::from_secs(10)),
+        "the container stopped beating"
+    );
+    let after = ls(&rt, &store);
+    let after_names: Vec<_> = after
+        .iter()
+        .map(|g| g["generation"].as_str().unwrap())
+        .collect();
+    assert_eq!(after_names, names, "{after:#?}");
+    assert!(after.iter().all(|g| g["verified"] == true), "{after:#?}");
+
+    let state = c.round();
+    let newest = written(&checkpoint(&c));
+    let left: Vec<_> = std::fs::read_dir(&store.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && n != ".cryo-store.lock")
+        .collect();
+    assert!(left.is_empty(), "left in the store: {left:?}");
+    assert_eq!(
+        ls(&rt, &store).last().unwrap()["generation"],
+        newest.as_str()
+    );
+    finish_off(c);
+    let (r, stderr) = Churn::restore_from_store(&rt, &store.0, &id(1), MIB);
     assert!(!stderr.contains("falling back"), "{stderr}");
     r.assert_holds(&state);
     finish_off(r);

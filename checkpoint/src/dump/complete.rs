@@ -17,6 +17,7 @@ use crate::image::blocks::{blocks_name, BlockDigests, HashedPages};
 use crate::image::digest::{digest_bytes, digest_files, FileRecord};
 use crate::image::publish::{is_side_file, write_private_file};
 use crate::manifest::{self, Manifest, PagesRecord, Timings, FORMAT};
+use crate::store::delta::Lineage;
 use crate::{facts, rootfs};
 
 /// A complete image in staging, not yet published. `frozen` is set when the container is to
@@ -102,8 +103,11 @@ impl<'r, 'a> Dumped<'r, 'a> {
         let t_increment = Instant::now();
         let increment = match (&p.req.parent, p.kind) {
             (Some(parent), CallKind::Dump) => {
-                match crate::store::delta::make_incremental(&dir, &parent.dir) {
-                    Ok(i) => Some(i),
+                match crate::store::delta::make_incremental(&dir, &parent.dir, &hashed_pages) {
+                    Ok((i, digests)) => {
+                        hashed_pages.extend(digests);
+                        Some(i)
+                    }
                     Err(e) => {
                         let step = "keeping the pages that changed since the parent generation";
                         return Err(fail(&mut p, &mut frozen, step, e.into()));
@@ -113,8 +117,9 @@ impl<'r, 'a> Dumped<'r, 'a> {
             _ => None,
         };
         timings.increment_ms = ms(t_increment.elapsed());
-        if increment.is_some() {
-            // The pages files were rewritten to what changed.
+        if increment.is_some_and(|i| !i.shares_extents) {
+            // The pages files were rewritten to what changed (sharing extents, they hold the
+            // very bytes received).
             hashed_pages.clear();
         }
         // CRIU's images go to disk while the changeset is compressed: the final syncfs then
@@ -175,7 +180,7 @@ impl<'r, 'a> Dumped<'r, 'a> {
                 ))
             }
         };
-        let parent = match (&p.req.parent, &increment) {
+        let lineage = match (&p.req.parent, &increment) {
             (Some(parent), Some(inc)) => {
                 match crate::store::delta::share_and_link(&dir, &files, parent, inc) {
                     Ok(record) => Some(record),
@@ -190,6 +195,11 @@ impl<'r, 'a> Dumped<'r, 'a> {
                 }
             }
             _ => None,
+        };
+        let (parent, shares) = match lineage {
+            Some(Lineage::Parent(p)) => (Some(p), None),
+            Some(Lineage::Shares(s)) => (None, Some(s)),
+            None => (None, None),
         };
         timings.digest_ms = ms(t_digest.elapsed());
         if let Err(e) = sync_dir(&dir) {
@@ -258,6 +268,7 @@ impl<'r, 'a> Dumped<'r, 'a> {
             gpu,
             files,
             parent,
+            shares,
             requires,
             manifest_blake3: String::new(),
         };

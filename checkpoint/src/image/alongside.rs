@@ -24,6 +24,8 @@ use super::verify::ImageError;
 
 /// Hashed per step, so that a stop is seen within one step.
 const STEP: usize = 32 << 20;
+/// Steps read ahead.
+const AHEAD: usize = 2;
 
 /// A file whose size was checked and whose digest is still to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,9 +211,16 @@ fn check_whole(
         // written privately and never truncated after publication.
         let map = unsafe { memmap2::Mmap::map(file) }?;
         let _ = map.advise(memmap2::Advice::Sequential);
-        for chunk in map.chunks(STEP) {
+        for (i, chunk) in map.chunks(STEP).enumerate() {
             if stop.load(Ordering::Relaxed) {
                 return Err(stopped());
+            }
+            for ahead in (if i == 0 { 1 } else { AHEAD })..=AHEAD {
+                let _ = map.advise_range(
+                    memmap2::Advice::WillNeed,
+                    ((i + ahead) * STEP).min(map.len()),
+                    STEP.min(map.len().saturating_sub((i + ahead) * STEP)),
+                );
             }
             h.update_rayon(chunk);
         }

@@ -206,11 +206,5 @@ fn own_bytes(g: &Generation, m: Option<&Manifest>) -> u64 {
             .map(|d| d.flatten().map(|e| size(e.path())).sum())
             .unwrap_or(0);
     };
-    let shared: &[String] = m.parent.as_ref().map_or(&[], |p| &p.shared_files);
-    m.files
-        .iter()
-        .filter(|f| !shared.contains(&f.name))
-        .map(|f| f.size)
-        .sum::<u64>()
-        + size(g.dir.join(manifest::FILE))
+    super::own_bytes(m) + size(g.dir.join(manifest::FILE))
 }

@@ -23,7 +23,8 @@ use memmap2::{Advice, Mmap};
 pub use super::extents::MAX_CHAIN;
 use super::extents::{self, short_pages};
 use super::pagemap::{pagemap_names, pages_name, Entry, Pagemap};
-use super::{ParentImage, ParentRecord, StoreError, PARENT_LINK};
+use super::{ParentImage, ParentRecord, SharesRecord, StoreError, PARENT_LINK};
+use crate::image::blocks::HashedPages;
 use crate::image::digest::{digest_file, FileRecord};
 use crate::image::publish::{create_private_file, write_private_file};
 use crate::page_receiver::protocol::{PAGE_SIZE, PE_PARENT};
@@ -36,32 +37,59 @@ pub struct Increment {
     pub pagemaps: usize,
     /// Bytes of pages that changed (written into this image).
     pub written_bytes: u64,
-    /// Bytes of pages left to the parent.
+    /// Bytes of pages left to the parent (or, sharing extents, shared with its chain).
     pub parent_bytes: u64,
+    /// The pages images are full ones whose unchanged runs share the parent chain's extents
+    /// ([`super::shared`]): the generation needs no parent.
+    pub shares_extents: bool,
+}
+
+/// A pages file, open and mapped.
+#[derive(Debug)]
+pub(super) struct Mapped {
+    /// The open file (what [`super::shared`] clones extents from).
+    pub file: File,
+    /// Its bytes.
+    pub map: Mmap,
 }
 
 /// A run of pages of the parent's chain, mapped.
-type Extent = super::extents::Extent<Arc<Mmap>>;
+pub(super) type Extent = super::extents::Extent<Arc<Mapped>>;
 
 /// The page at `vaddr` of extent `x` (which holds it).
-fn page_of(x: &Extent, vaddr: u64) -> &[u8] {
+pub(super) fn page_of(x: &Extent, vaddr: u64) -> &[u8] {
     let at = (x.offset + (vaddr - x.vaddr)) as usize;
-    &x.file[at..at + PAGE_SIZE as usize]
+    &x.file.map[at..at + PAGE_SIZE as usize]
 }
 
 /// Where every page of pagemap `name` of the generation in `dir` is, mapped.
-fn locate(dir: &Path, name: &str) -> Result<Vec<Extent>, StoreError> {
+pub(super) fn locate(dir: &Path, name: &str) -> Result<Vec<Extent>, StoreError> {
     extents::locate(dir, name, &|p| {
         Ok(map_file(p)?.map(|m| {
-            let len = m.len() as u64;
+            let len = m.map.len() as u64;
             (m, len)
         }))
     })
 }
 
 /// Replace the full pages images in `dir` (a staging directory) by what changed since the
-/// generation in `parent_dir`. Call after the thaw, before the images are synced.
-pub fn make_incremental(dir: &Path, parent_dir: &Path) -> Result<Increment, StoreError> {
+/// generation in `parent_dir`: full images sharing the unchanged extents where the file
+/// system can ([`super::shared`]), else images of what changed whose other pages are left to
+/// the parent. Call after the thaw, before the images are synced.
+///
+/// Sharing extents, the pages files keep the bytes received: `hashed` are the pages files
+/// whose digests are known already; the others are digested from the staged bytes while
+/// they are in memory, and returned.
+pub fn make_incremental(
+    dir: &Path,
+    parent_dir: &Path,
+    hashed: &[HashedPages],
+) -> Result<(Increment, Vec<HashedPages>), StoreError> {
+    if super::shared::can_share(&parent_dir.join(crate::manifest::FILE), dir) {
+        let (mut inc, digests) = super::shared::share_unchanged(dir, parent_dir, hashed)?;
+        inc.shares_extents = true;
+        return Ok((inc, digests));
+    }
     let names = pagemap_names(dir)?;
     let mut inc = Increment::default();
     for name in names {
@@ -71,7 +99,7 @@ pub fn make_incremental(dir: &Path, parent_dir: &Path) -> Result<Increment, Stor
         inc.written_bytes += written;
         inc.parent_bytes += parent;
     }
-    Ok(inc)
+    Ok((inc, Vec::new()))
 }
 
 /// Compare one pagemap of the new image with the parent's pages (`base`), and rewrite it and
@@ -107,6 +135,7 @@ fn compare_one(dir: &Path, name: &str, base: &[Extent]) -> Result<(u64, u64), St
             continue;
         }
         let data = pages
+            .map
             .get(off as usize..(off + e.len()) as usize)
             .ok_or_else(|| short_pages(&pages_path, &pagemap_path))?;
         off += e.len();
@@ -196,16 +225,24 @@ impl Delta<'_> {
 /// The parent's page at `vaddr`, if it has one; `cursor` only moves forward (addresses are
 /// asked in ascending order).
 fn parent_page<'a>(base: &'a [Extent], cursor: &mut usize, vaddr: u64) -> Option<&'a [u8]> {
+    parent_extent(base, cursor, vaddr).map(|x| page_of(x, vaddr))
+}
+
+/// The extent of the parent's chain that holds the page at `vaddr`, if any; `cursor` as for
+/// [`parent_page`].
+pub(super) fn parent_extent<'a>(
+    base: &'a [Extent],
+    cursor: &mut usize,
+    vaddr: u64,
+) -> Option<&'a Extent> {
     while base.get(*cursor).is_some_and(|x| x.end() <= vaddr) {
         *cursor += 1;
     }
-    base.get(*cursor)
-        .filter(|x| x.vaddr <= vaddr)
-        .map(|x| page_of(x, vaddr))
+    base.get(*cursor).filter(|x| x.vaddr <= vaddr)
 }
 
 /// Map a pages image read-only (`None` when it is empty or absent).
-fn map_file(path: &Path) -> Result<Option<Arc<Mmap>>, StoreError> {
+pub(super) fn map_file(path: &Path) -> Result<Option<Arc<Mapped>>, StoreError> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -219,7 +256,7 @@ fn map_file(path: &Path) -> Result<Option<Arc<Mmap>>, StoreError> {
     // own. A mapping therefore always sees the bytes it was opened on.
     let map = unsafe { Mmap::map(&file) }.map_err(StoreError::io("map", path))?;
     let _ = map.advise(Advice::Sequential);
-    Ok(Some(Arc::new(map)))
+    Ok(Some(Arc::new(Mapped { file, map })))
 }
 
 fn create_private(path: &Path) -> Result<File, StoreError> {
@@ -230,15 +267,25 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     write_private_file(path, bytes).map_err(StoreError::io("write", path))
 }
 
+/// How a new generation builds on the one before it, as its manifest records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lineage {
+    /// CRIU reads its unchanged pages from its parent.
+    Parent(ParentRecord),
+    /// A full image that shares the unchanged pages' extents with the one before.
+    Shares(SharesRecord),
+}
+
 /// Files of the new image (`files`, digested) that are identical to the parent's become hard
-/// links to the parent's; then the `parent` link is made. Returns the record the manifest
-/// keeps. A linked file is digested again: what the manifest promises is what is there.
+/// links to the parent's; then, unless the generation shares extents instead, the `parent`
+/// link is made. Returns the record the manifest keeps. A linked file is digested again:
+/// what the manifest promises is what is there.
 pub fn share_and_link(
     dir: &Path,
     files: &[FileRecord],
     parent: &ParentImage,
     inc: &Increment,
-) -> Result<ParentRecord, StoreError> {
+) -> Result<Lineage, StoreError> {
     let mut shared = Vec::new();
     for f in files {
         let same = parent
@@ -267,16 +314,26 @@ pub fn share_and_link(
             }
         }
     }
+    if inc.shares_extents {
+        let before = parent.manifest.shares.as_ref().map_or(0, |s| s.since_full);
+        return Ok(Lineage::Shares(SharesRecord {
+            name: parent.name.clone(),
+            pages_written: inc.written_bytes,
+            pages_shared: inc.parent_bytes,
+            since_full: before + 1,
+            shared_files: shared,
+        }));
+    }
     let link = dir.join(PARENT_LINK);
     std::os::unix::fs::symlink(parent_target(&parent.name), &link)
         .map_err(StoreError::io("create the parent link", &link))?;
-    Ok(ParentRecord {
+    Ok(Lineage::Parent(ParentRecord {
         name: parent.name.clone(),
         manifest_blake3: parent.manifest.manifest_blake3.clone(),
         pages_written: inc.written_bytes,
         pages_in_parent: inc.parent_bytes,
         shared_files: shared,
-    })
+    }))
 }
 
 /// What a generation's `parent` link holds: its sibling, relative, so the store can move.

@@ -86,7 +86,7 @@ fn only_changed_pages_are_kept_and_the_chain_reads_back_exactly() {
     write_full(&b, "pagemap-1.img", 1, &mem2);
     write_full(&b, "pagemap-shmem-7.img", 2, &shm);
     write_full(&b, "pagemap-4.img", 3, &child);
-    let inc = make_incremental(&b, &a).unwrap();
+    let (inc, _) = make_incremental(&b, &a, &[]).unwrap();
     link_parent(&b, "gen-1");
     assert_eq!(inc.pagemaps, 3);
     // Kept: 3 rewritten + 2 new pages of task 1, all 3 of the new process.
@@ -124,7 +124,7 @@ fn only_changed_pages_are_kept_and_the_chain_reads_back_exactly() {
     mem3.insert(0x10000 + 4 * P, 1);
     mem3.insert(0x80000 + 2 * P, 3);
     write_full(&c, "pagemap-1.img", 1, &mem3);
-    let inc = make_incremental(&c, &b).unwrap();
+    let (inc, _) = make_incremental(&c, &b, &[]).unwrap();
     link_parent(&c, "gen-2");
     assert_eq!(inc.written_bytes, 2 * P);
     assert_eq!(read_back(&c, "pagemap-1.img"), expected(&mem3));
@@ -193,8 +193,11 @@ fn identical_files_are_shared_by_hard_link_and_the_parent_linked() {
         pagemaps: 1,
         written_bytes: 7,
         parent_bytes: 9,
+        shares_extents: false,
     };
-    let record = share_and_link(&b, &files, &parent, &inc).unwrap();
+    let Lineage::Parent(record) = share_and_link(&b, &files, &parent, &inc).unwrap() else {
+        panic!("a chain increment got no parent record");
+    };
     assert_eq!(record.shared_files, ["rootfs-diff.tar.zst"]);
     assert_eq!(record.manifest_blake3, "ab".repeat(32));
     assert_eq!((record.pages_written, record.pages_in_parent), (7, 9));
@@ -208,4 +211,45 @@ fn identical_files_are_shared_by_hard_link_and_the_parent_linked() {
         std::fs::read_link(b.join(PARENT_LINK)).unwrap(),
         Path::new("../gen-1")
     );
+}
+
+/// Sharing extents, a generation keeps the full layout and exactly the bytes received (the
+/// ranges the file system will not clone, here on whatever file system the temp dir is,
+/// are written instead), and the digests it returns are those of the file.
+#[test]
+fn a_shared_generation_holds_exactly_the_bytes_received() {
+    let store = tempfile::tempdir().unwrap();
+    let (a, b) = (store.path().join("gen-1"), store.path().join("gen-2"));
+    let mem: BTreeMap<u64, u8> = (0..32).map(|i| (0x10000 + i * P, 1)).collect();
+    write_full(&a, "pagemap-1.img", 1, &mem);
+    let mut mem2 = mem.clone();
+    for i in [0, 7, 8, 30] {
+        mem2.insert(0x10000 + i * P, 2);
+    }
+    mem2.insert(0x90000, 2);
+    write_full(&b, "pagemap-1.img", 1, &mem2);
+    let received = std::fs::read(b.join("pages-1.img")).unwrap();
+    let pagemap = std::fs::read(b.join("pagemap-1.img")).unwrap();
+    let (inc, digests) = super::super::shared::share_unchanged(&b, &a, &[]).unwrap();
+    assert_eq!(std::fs::read(b.join("pages-1.img")).unwrap(), received);
+    assert_eq!(std::fs::read(b.join("pagemap-1.img")).unwrap(), pagemap);
+    assert_eq!(inc.written_bytes + inc.parent_bytes, received.len() as u64);
+    assert!(inc.written_bytes >= 5 * P, "{inc:?}");
+    assert_eq!(digests.len(), 1);
+    assert_eq!(digests[0].record.name, "pages-1.img");
+    assert_eq!(
+        digests[0].record.blake3,
+        blake3::hash(&received).to_hex().as_str()
+    );
+    let debris: Vec<String> = std::fs::read_dir(&b)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".cryo"))
+        .collect();
+    assert!(debris.is_empty(), "{debris:?}");
+    // Already digested by the receiver: not again.
+    write_full(&b, "pagemap-1.img", 1, &mem2);
+    let (_, again) = super::super::shared::share_unchanged(&b, &a, &digests).unwrap();
+    assert!(again.is_empty());
 }

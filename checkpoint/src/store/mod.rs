@@ -25,6 +25,7 @@ pub mod lock;
 pub mod pagemap;
 pub mod parent;
 pub mod prune;
+pub mod shared;
 
 use std::path::{Path, PathBuf};
 
@@ -59,6 +60,40 @@ pub struct ParentRecord {
     /// Files that are hard links to the parent's (identical content).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shared_files: Vec<String>,
+}
+
+/// What a generation that shares page extents with the one before it records
+/// ([`shared`]). Informational: the generation is a full image, restored on its own, and
+/// the one it names may be gone.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SharesRecord {
+    /// The generation it was made from.
+    pub name: String,
+    /// Bytes of pages that changed since, written.
+    pub pages_written: u64,
+    /// Bytes of pages that share that generation's extents (written by no one).
+    pub pages_shared: u64,
+    /// Generations since the last one written whole, this one included (`--full-every`).
+    pub since_full: u32,
+    /// Files that are hard links to that generation's (identical content).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_files: Vec<String>,
+}
+
+/// Bytes a generation's image wrote itself: its files, less those that are hard links to the
+/// generation before and the page extents it shares with it.
+pub fn own_bytes(m: &Manifest) -> u64 {
+    let (linked, shared_pages): (&[String], u64) = match (&m.parent, &m.shares) {
+        (Some(p), _) => (&p.shared_files, 0),
+        (None, Some(s)) => (&s.shared_files, s.pages_shared),
+        (None, None) => (&[], 0),
+    };
+    m.files
+        .iter()
+        .filter(|f| !linked.contains(&f.name))
+        .map(|f| f.size)
+        .sum::<u64>()
+        .saturating_sub(shared_pages)
 }
 
 /// The generation a new one is made an increment of.

@@ -127,6 +127,12 @@ impl ChainSize {
     fn of(last: &GenerationInfo, infos: &[GenerationInfo]) -> Self {
         let mut size = Self::default();
         let mut at = Some(last);
+        if let Some(s) = last.manifest.as_ref().and_then(|m| m.shares.as_ref()) {
+            // Sharing extents, no generation depends on another: only the count matters
+            // (the one shared from may be gone).
+            size.increments = s.since_full;
+            return size;
+        }
         while let Some(g) = at {
             let Some(m) = g.manifest.as_ref() else { break };
             match &m.parent {

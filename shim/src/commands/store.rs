@@ -299,14 +299,23 @@ fn ended(ctx: &Context, id: &str) -> Option<&'static str> {
 impl Written {
     fn of_container(report: &DumpReport, why_full: Option<&str>) -> Self {
         let m = report.manifest.as_ref();
-        let kind = match m.and_then(|m| m.parent.as_ref()) {
-            Some(p) => format!(
+        let kind = match (
+            m.and_then(|m| m.parent.as_ref()),
+            m.and_then(|m| m.shares.as_ref()),
+        ) {
+            (Some(p), _) => format!(
                 "incremental over {} ({} changed, {} in the parent)",
                 p.name,
                 size(p.pages_written),
                 size(p.pages_in_parent)
             ),
-            None => format!("full ({})", why_full.unwrap_or("no parent")),
+            (None, Some(s)) => format!(
+                "full, sharing the extents of {} ({} changed, {} shared)",
+                s.name,
+                size(s.pages_written),
+                size(s.pages_shared)
+            ),
+            (None, None) => format!("full ({})", why_full.unwrap_or("no parent")),
         };
         Self {
             name: String::new(),
@@ -395,12 +404,7 @@ impl Written {
 
 /// Bytes a generation wrote: its files, less those shared with its parent.
 fn written_bytes(m: &Manifest) -> u64 {
-    let shared: &[String] = m.parent.as_ref().map_or(&[], |p| &p.shared_files);
-    m.files
-        .iter()
-        .filter(|f| !shared.contains(&f.name))
-        .map(|f| f.size)
-        .sum()
+    cryo_checkpoint::store::own_bytes(m)
 }
 
 /// `restore --store DIR`: the newest generation that verifies; each newer one passed over is
@@ -575,8 +579,11 @@ fn json_row(g: &GenerationInfo) -> serde_json::Value {
         "parent": g.parent(),
         "bytes": g.bytes,
         "frozen_ms": g.frozen_ms(),
-        "pages_written": m.and_then(|m| m.parent.as_ref()).map(|p| p.pages_written),
+        "pages_written": m.and_then(|m| m.parent.as_ref().map(|p| p.pages_written)
+            .or(m.shares.as_ref().map(|s| s.pages_written))),
         "pages_in_parent": m.and_then(|m| m.parent.as_ref()).map(|p| p.pages_in_parent),
+        "shares_with": m.and_then(|m| m.shares.as_ref()).map(|s| s.name.clone()),
+        "pages_shared": m.and_then(|m| m.shares.as_ref()).map(|s| s.pages_shared),
         "container": m.map(|m| m.container_id.clone()),
         "containers": g.containers(),
         "verified": g.is_good(),
@@ -594,6 +601,7 @@ fn kind(g: &GenerationInfo) -> &'static str {
     match (&g.manifest, g.parent()) {
         (None, _) => "?",
         (Some(_), Some(_)) => "incremental",
+        (Some(m), None) if m.shares.is_some() => "shared",
         (Some(_), None) => "full",
     }
 }
