@@ -24,11 +24,13 @@ use memmap2::{Advice, MmapMut};
 /// to empty) where nothing was filled or the file system cannot map or populate it: writing is
 /// then only slower, never wrong.
 pub fn map_prefaulted(file: &File, bytes: u64, stop: &AtomicBool) -> Option<MmapMut> {
-    let filled = match fill_with_zeros(file, bytes, stop) {
-        Ok(n) => n / PAGE * PAGE,
-        Err(_) => 0,
+    let (written, filled) = match fill_with_zeros(file, bytes, stop) {
+        Ok(n) => (n, n / PAGE * PAGE),
+        Err(_) => (0, 0),
     };
-    if filled == 0 || file.set_len(filled).is_err() {
+    // Only a size that changes is set: XFS writes a file's unwritten pages back on any size
+    // change past what is on disk, which would write the zeros out.
+    if filled == 0 || (filled != written && file.set_len(filled).is_err()) {
         let _ = file.set_len(0);
         return None;
     }

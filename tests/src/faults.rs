@@ -427,6 +427,8 @@ pub struct Xfs {
     /// Its mount point.
     pub dir: PathBuf,
     image: PathBuf,
+    /// Its loop device (`loop3`).
+    device: String,
 }
 
 impl Xfs {
@@ -456,7 +458,27 @@ impl Xfs {
             "loop-mounting an XFS image at {} failed (this test runs as root)",
             dir.display()
         );
-        Self { dir, image }
+        let out = Command::new("losetup")
+            .arg("-j")
+            .arg(&image)
+            .output()
+            .unwrap();
+        let listed = String::from_utf8_lossy(&out.stdout);
+        let device = listed
+            .split(':')
+            .next()
+            .and_then(|d| d.trim().strip_prefix("/dev/"))
+            .unwrap_or_else(|| panic!("no loop device backs {}: {listed}", image.display()))
+            .to_string();
+        Self { dir, image, device }
+    }
+
+    /// Bytes written to its device so far (the block layer's count: what reached the disk,
+    /// not what files claim).
+    pub fn device_written(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/sys/block/{}/stat", self.device)).unwrap();
+        let sectors: u64 = stat.split_whitespace().nth(6).unwrap().parse().unwrap();
+        sectors * 512
     }
 
     /// Bytes in use on it.

@@ -135,7 +135,8 @@ impl<'r, 'a> Prepared<'r, 'a> {
 
         let mut extra_fds = Vec::new();
         let receiver = if let Some(mode) = receives_pages(req, kind) {
-            let (receiver, criu_end) = PageReceiver::start(&dir, estimates, mode)
+            let replaced = req.parent.is_some();
+            let (receiver, criu_end) = PageReceiver::start(&dir, estimates, mode, replaced)
                 .map_err(|e| fail("starting the page receiver", e.into()))?;
             let mut ps = rpc::Criu_page_server_info::new();
             ps.set_fd(CriuCall::extra_fd_number(extra_fds.len()));

@@ -81,11 +81,14 @@ pub struct PageReceiver {
 
 impl PageReceiver {
     /// Start receiving into `image_dir`, staging the given tasks' images first as `mode`
-    /// says. Returns the receiver and the socket end to hand CRIU.
+    /// says; `replaced`: the page images are replaced after the dump (a store increment),
+    /// their staged length is left as it is. Returns the receiver and the socket end to hand
+    /// CRIU.
     pub fn start(
         image_dir: &Path,
         estimates: Vec<Estimate>,
         mode: Mode,
+        replaced: bool,
     ) -> Result<(Self, OwnedFd), ReceiveError> {
         let (mut ours, theirs) = UnixStream::pair().map_err(ReceiveError::Stream)?;
         enlarge_buffers(&ours, &theirs);
@@ -98,7 +101,7 @@ impl PageReceiver {
         let thread = std::thread::Builder::new()
             .name("cryo-pages".into())
             .spawn(move || {
-                let mut session = Session::new(&dir, mode, session_stop);
+                let mut session = Session::new(&dir, mode, replaced, session_stop);
                 for e in estimates {
                     if let Err(err) = session.stage(e.vpid, e.bytes) {
                         tracing::debug!("staging the pages of task {}: {err}", e.vpid);

@@ -53,6 +53,8 @@ pub struct Summary {
 pub struct Session {
     dir: PathBuf,
     mode: Mode,
+    /// The pages files are replaced after the dump ([`PagesFile::finish`]).
+    replaced: bool,
     /// Set when the freeze begins: staging stops.
     stop: Arc<AtomicBool>,
     /// Bytes this session's staging holds of the process-wide claim ([`CLAIMED`]).
@@ -69,11 +71,13 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session writing into image dir `dir`, staging as `mode` says until `stop` is set.
-    pub fn new(dir: &Path, mode: Mode, stop: Arc<AtomicBool>) -> Self {
+    /// A session writing into image dir `dir`, staging as `mode` says until `stop` is set;
+    /// `replaced`: the pages files are replaced after the dump (a store increment).
+    pub fn new(dir: &Path, mode: Mode, replaced: bool, stop: Arc<AtomicBool>) -> Self {
         Self {
             dir: dir.to_path_buf(),
             mode,
+            replaced,
             stop,
             claimed: 0,
             staged: HashMap::new(),
@@ -299,7 +303,7 @@ impl Session {
             let temp = t.pages.path.clone();
             let result = t
                 .pages
-                .finish(t.received, &pages)
+                .finish(t.received, &pages, self.replaced)
                 .and_then(|()| write_private(&pagemap, &t.pagemap));
             written.extend([pages, pagemap]);
             if let Err(e) = result {

@@ -198,13 +198,33 @@ pub fn stage(
 }
 
 impl PagesFile {
-    /// Unmap, cut the file to the `len` bytes received and give it its final name.
-    pub fn finish(mut self, len: u64, final_path: &Path) -> Result<(), ReceiveError> {
+    /// Unmap, cut the file to the `len` bytes received (unless `untrimmed`) and give it its
+    /// final name.
+    ///
+    /// `untrimmed` is for a file that is replaced after the dump (a store increment): setting
+    /// the size of a file with pages not yet on disk makes XFS write them all back first,
+    /// which would put the whole dump on the disk just before it is deleted. Its staged tail,
+    /// past `len`, is then left in place for the replacement to ignore.
+    pub fn finish(
+        mut self,
+        len: u64,
+        final_path: &Path,
+        untrimmed: bool,
+    ) -> Result<(), ReceiveError> {
         self.map = None;
         self.memory = None;
-        self.file
-            .set_len(len)
-            .map_err(ReceiveError::io("truncate", &self.path))?;
+        let staged = self
+            .file
+            .metadata()
+            .map_err(ReceiveError::io("stat", &self.path))?
+            .len();
+        // Only a size that changes is set: on XFS setting it writes back every page not yet
+        // on disk, even the same size.
+        if staged != len && !(untrimmed && staged > len) {
+            self.file
+                .set_len(len)
+                .map_err(ReceiveError::io("truncate", &self.path))?;
+        }
         std::fs::rename(&self.path, final_path).map_err(ReceiveError::io("rename", &self.path))
     }
 }
@@ -276,7 +296,7 @@ mod tests {
         assert_eq!(map.len() as u64, 8 * PAGE_SIZE);
         map[..4].copy_from_slice(b"page");
         let dst = dir.path().join("pages-1.img");
-        pf.finish(PAGE_SIZE, &dst).unwrap();
+        pf.finish(PAGE_SIZE, &dst, false).unwrap();
         let data = std::fs::read(&dst).unwrap();
         assert_eq!(data.len() as u64, PAGE_SIZE);
         assert_eq!(&data[..4], b"page");

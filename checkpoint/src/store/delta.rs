@@ -109,6 +109,7 @@ fn compare_one(dir: &Path, name: &str, base: &[Extent]) -> Result<(u64, u64), St
     let pm = Pagemap::read(&pagemap_path)?;
     if base.is_empty() {
         // Nothing of it in the parent (a process started since): every page stays.
+        trim_to_pages(&dir.join(pages_name(pm.pages_id)), pm.present_bytes())?;
         return Ok((pm.present_bytes(), 0));
     }
     let pages_path = dir.join(pages_name(pm.pages_id));
@@ -239,6 +240,21 @@ pub(super) fn parent_extent<'a>(
         *cursor += 1;
     }
     base.get(*cursor).filter(|x| x.vaddr <= vaddr)
+}
+
+/// Cut a pages image the receiver left at its staged length ([`crate::page_receiver`]: it is
+/// replaced, unless kept as it is, as here) to the `len` bytes of its pages.
+pub(super) fn trim_to_pages(path: &Path, len: u64) -> Result<(), StoreError> {
+    let file = match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io("open", path)(e)),
+    };
+    if file.metadata().map_err(StoreError::io("stat", path))?.len() > len {
+        file.set_len(len)
+            .map_err(StoreError::io("truncate", path))?;
+    }
+    Ok(())
 }
 
 /// Map a pages image read-only (`None` when it is empty or absent).

@@ -213,9 +213,10 @@ fn identical_files_are_shared_by_hard_link_and_the_parent_linked() {
     );
 }
 
-/// Sharing extents, a generation keeps the full layout and exactly the bytes received (the
-/// ranges the file system will not clone, here on whatever file system the temp dir is,
-/// are written instead), and the digests it returns are those of the file.
+/// Sharing extents, a generation keeps the full layout and exactly the bytes received, not
+/// the staged tail after them (the ranges the file system will not clone, here on whatever
+/// file system the temp dir is, are written instead), and the digests it returns are those
+/// of the file.
 #[test]
 fn a_shared_generation_holds_exactly_the_bytes_received() {
     let store = tempfile::tempdir().unwrap();
@@ -230,6 +231,10 @@ fn a_shared_generation_holds_exactly_the_bytes_received() {
     write_full(&b, "pagemap-1.img", 1, &mem2);
     let received = std::fs::read(b.join("pages-1.img")).unwrap();
     let pagemap = std::fs::read(b.join("pagemap-1.img")).unwrap();
+    // The receiver's staged tail, left untrimmed for a file it knows will be replaced.
+    let mut staged = received.clone();
+    staged.extend(vec![0u8; 3 * P as usize]);
+    std::fs::write(b.join("pages-1.img"), &staged).unwrap();
     let (inc, digests) = super::super::shared::share_unchanged(&b, &a, &[]).unwrap();
     assert_eq!(std::fs::read(b.join("pages-1.img")).unwrap(), received);
     assert_eq!(std::fs::read(b.join("pagemap-1.img")).unwrap(), pagemap);

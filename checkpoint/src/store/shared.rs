@@ -78,6 +78,7 @@ fn share_one(
     let pm = Pagemap::read(&pagemap_path)?;
     if base.is_empty() {
         // Nothing of it in the parent (a process started since): every page is new.
+        super::delta::trim_to_pages(&dir.join(pages_name(pm.pages_id)), pm.present_bytes())?;
         return Ok((pm.present_bytes(), 0, None));
     }
     let pages_file = pages_name(pm.pages_id);
@@ -89,19 +90,21 @@ fn share_one(
         }
         return Ok((0, 0, None));
     };
-    let staged_len = staged.map.len() as u64;
-    if staged_len < pm.present_bytes() {
+    // The receiver leaves a file it knows will be replaced at its staged length: the pages
+    // are its first `len` bytes.
+    let len = pm.present_bytes();
+    if (staged.map.len() as u64) < len {
         return Err(short());
     }
     let temp = dir.join(format!(".cryo-shared-{}.tmp", pm.pages_id));
     let file = create_private_file(&temp).map_err(StoreError::io("create", &temp))?;
     let digest_it = !hashed.iter().any(|h| h.record.name == pages_file);
     let digest_of = |threads: usize| {
-        let (blocks, root) = BlockDigests::of_bytes(&staged.map, threads);
+        let (blocks, root) = BlockDigests::of_bytes(&staged.map[..len as usize], threads);
         HashedPages {
             record: FileRecord {
                 name: pages_file.clone(),
-                size: staged_len,
+                size: len,
                 blake3: root.to_hex().to_string(),
             },
             blocks,
@@ -129,8 +132,15 @@ fn share_one(
         (true, None) => Some(digest_of(1)),
         (_, d) => d,
     };
-    file.set_len(staged_len)
-        .map_err(StoreError::io("size", &temp))?;
+    // Set only when it differs (on XFS, setting a size writes back what is not on disk yet).
+    if file
+        .metadata()
+        .map_err(StoreError::io("stat", &temp))?
+        .len()
+        != len
+    {
+        file.set_len(len).map_err(StoreError::io("size", &temp))?;
+    }
     drop(file);
     // The staged image is unmapped and replaced: its page cache is dropped unwritten.
     drop(staged);
@@ -147,7 +157,6 @@ fn build(
     file: &File,
     path: &Path,
 ) -> Result<(u64, u64), StoreError> {
-    let staged_len = staged.map.len() as u64;
     let mut out = Builder {
         file,
         path,
@@ -168,14 +177,6 @@ fn build(
             out.page(at, source)?;
             at += PAGE_SIZE;
         }
-    }
-    if at < staged_len {
-        // Bytes past the last page (CRIU writes none): kept as they are.
-        out.flush()?;
-        out.run = Some(Run::Write {
-            from: at,
-            len: staged_len - at,
-        });
     }
     out.flush()?;
     Ok((out.written, out.shared))
