@@ -417,7 +417,9 @@ pub struct CheckpointArgs {
     /// DURATION (`30s`, `5m`, `1h`) until the container stops or SIGTERM/SIGINT.
     #[arg(long = "every", value_name = "DURATION", requires = "store")]
     pub every: Option<String>,
-    /// With --store: every N-th generation of a chain is a full one (1: all of them).
+    /// With --store: every N-th generation is a full one, written whole (1: all of them); the
+    /// others keep only what changed (a chain of CRIU parent images, or, on XFS and btrfs,
+    /// full images sharing the unchanged extents).
     #[arg(
         long = "full-every",
         value_name = "N",

@@ -7,7 +7,9 @@
 //! verifies, when the chain would get longer than `--full-every` allows (a restore reads
 //! through every generation of it), when the increments since the last full generation add
 //! up to more than its pages (a full one then costs no more than the chain already holds),
-//! or when the candidate's pages are compressed (not in CRIU's format).
+//! or when the candidate's pages are compressed (not in CRIU's format). Generations that
+//! share extents instead of chaining ([`super::shared`]) count towards `--full-every` too: a
+//! full one bounds how fragmented their files grow.
 
 use super::check::{check_all, GenerationInfo};
 use super::{Generation, ParentImage};
