@@ -811,7 +811,8 @@ fn a_chain_restore_killed_inside_its_page_check_leaves_nothing() {
 /// changed pages all it adds to the disk, older generations pruned without regard to the
 /// newer ones, and the newest restored exactly. A checkpoint SIGKILLed while it builds the
 /// shared pages image (the moment: its temporary file exists) leaves no generation and the
-/// container running; the next checkpoint, and the restore of it, are exact.
+/// container running; the next checkpoint, and the restore of it, are exact. A damaged byte
+/// of the newest generation leaves the one before it, which shares the rest, restorable.
 #[test]
 fn on_a_reflink_file_system_generations_share_extents_and_stand_alone() {
     use cryo_tests::faults::Xfs;
@@ -821,7 +822,7 @@ fn on_a_reflink_file_system_generations_share_extents_and_stand_alone() {
     let rt = Runtime::cryo();
     let base = unique("reflink");
     let id = |n: usize| format!("{base}-{n}");
-    let _guards: Vec<_> = (0..2).map(|n| rt.guard(&id(n))).collect();
+    let _guards: Vec<_> = (0..3).map(|n| rt.guard(&id(n))).collect();
     let c = Churn::start(&rt, &id(0), MIB);
     let checkpoint = |c: &Churn| {
         rt.ok(&[
@@ -835,13 +836,15 @@ fn on_a_reflink_file_system_generations_share_extents_and_stand_alone() {
         ])
     };
     let mut written_names = Vec::new();
+    let mut held = HashMap::new();
     for round in 0..4 {
-        c.round();
+        let state = c.round();
         let (before, device_before) = (fs.used(), fs.device_written());
         let out = checkpoint(&c);
         let grew = fs.used().saturating_sub(before);
         let wrote = fs.device_written() - device_before;
         written_names.push(written(&out));
+        held.insert(written(&out), state);
         if round > 0 {
             assert!(
                 out.contains("sharing the extents of"),
@@ -879,9 +882,9 @@ fn on_a_reflink_file_system_generations_share_extents_and_stand_alone() {
 
     // Killed while it builds the shared pages image.
     c.round();
-    let mut child = rt
-        .cmd()
-        .args([
+    let mut child = cryo_tests::faults::spawn(
+        &rt,
+        &[
             "checkpoint",
             "--store",
             store.path(),
@@ -889,12 +892,8 @@ fn on_a_reflink_file_system_generations_share_extents_and_stand_alone() {
             "2",
             "--leave-running",
             &c.id,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+    );
     let building = || {
         std::fs::read_dir(&store.0)
             .into_iter()
@@ -951,5 +950,17 @@ fn on_a_reflink_file_system_generations_share_extents_and_stand_alone() {
     let (r, stderr) = Churn::restore_from_store(&rt, &store.0, &id(1), MIB);
     assert!(!stderr.contains("falling back"), "{stderr}");
     r.assert_holds(&state);
+    finish_off(r);
+
+    // A byte of the newest generation's pages damaged (written in place, so the file system
+    // gives that block its own extent): the one before it, which shares the rest, is
+    // restored exactly, and the fallback is said.
+    flip_a_byte_of_the_largest_file(&store.0.join(&newest));
+    let (r, stderr) = Churn::restore_from_store(&rt, &store.0, &id(2), MIB);
+    assert!(
+        stderr.contains("falling back") && stderr.contains(&newest),
+        "{stderr}"
+    );
+    r.assert_holds(&held[&written_names[3]]);
     finish_off(r);
 }
