@@ -28,9 +28,7 @@ pub fn map_prefaulted(file: &File, bytes: u64, stop: &AtomicBool) -> Option<Mmap
         Ok(n) => (n, n / PAGE * PAGE),
         Err(_) => (0, 0),
     };
-    // Only a size that changes is set: XFS writes a file's unwritten pages back on any size
-    // change past what is on disk, which would write the zeros out.
-    if filled == 0 || (filled != written && file.set_len(filled).is_err()) {
+    if filled == 0 || (filled != written && resize(file, filled).is_err()) {
         let _ = file.set_len(0);
         return None;
     }
@@ -47,6 +45,17 @@ pub fn map_prefaulted(file: &File, bytes: u64, stop: &AtomicBool) -> Option<Mmap
 }
 
 const PAGE: u64 = 4096;
+
+/// Set `file`'s size to `len`, unless it has that size already. Why not always: XFS writes
+/// back every page of a file that is not on disk yet whenever its size is set past what is on
+/// disk, even to the size it has (its guard against files of zeros after a crash). For a
+/// staged file about to be replaced, that would write the whole dump to the disk.
+pub fn resize(file: &File, len: u64) -> std::io::Result<()> {
+    if file.metadata()?.len() != len {
+        file.set_len(len)?;
+    }
+    Ok(())
+}
 
 /// The write size that keeps page-cache folios small (see the module doc). Also the buffer
 /// size of cryo's other writers of fresh files: the rootfs changeset, decompressed page

@@ -24,7 +24,8 @@ use super::verify::ImageError;
 
 /// Hashed per step, so that a stop is seen within one step.
 const STEP: usize = 32 << 20;
-/// Steps read ahead.
+/// Steps asked for ahead of the one being hashed: in a fragmented file (a store generation
+/// sharing extents) the kernel's own readahead keeps too few reads in flight.
 const AHEAD: usize = 2;
 
 /// A file whose size was checked and whose digest is still to be.
@@ -215,12 +216,10 @@ fn check_whole(
             if stop.load(Ordering::Relaxed) {
                 return Err(stopped());
             }
-            for ahead in (if i == 0 { 1 } else { AHEAD })..=AHEAD {
-                let _ = map.advise_range(
-                    memmap2::Advice::WillNeed,
-                    ((i + ahead) * STEP).min(map.len()),
-                    STEP.min(map.len().saturating_sub((i + ahead) * STEP)),
-                );
+            let next = ((i + 1) * STEP).min(map.len());
+            let ahead = (AHEAD * STEP).min(map.len() - next);
+            if ahead > 0 {
+                let _ = map.advise_range(memmap2::Advice::WillNeed, next, ahead);
             }
             h.update_rayon(chunk);
         }

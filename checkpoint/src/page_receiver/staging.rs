@@ -201,10 +201,9 @@ impl PagesFile {
     /// Unmap, cut the file to the `len` bytes received (unless `untrimmed`) and give it its
     /// final name.
     ///
-    /// `untrimmed` is for a file that is replaced after the dump (a store increment): setting
-    /// the size of a file with pages not yet on disk makes XFS write them all back first,
-    /// which would put the whole dump on the disk just before it is deleted. Its staged tail,
-    /// past `len`, is then left in place for the replacement to ignore.
+    /// `untrimmed` is for a file that is replaced after the dump (a store increment): its size
+    /// is not touched ([`crate::prefault::resize`] says why), and its staged tail, past `len`,
+    /// is left in place for the replacement to ignore.
     pub fn finish(
         mut self,
         len: u64,
@@ -218,11 +217,8 @@ impl PagesFile {
             .metadata()
             .map_err(ReceiveError::io("stat", &self.path))?
             .len();
-        // Only a size that changes is set: on XFS setting it writes back every page not yet
-        // on disk, even the same size.
-        if staged != len && !(untrimmed && staged > len) {
-            self.file
-                .set_len(len)
+        if !(untrimmed && staged > len) {
+            crate::prefault::resize(&self.file, len)
                 .map_err(ReceiveError::io("truncate", &self.path))?;
         }
         std::fs::rename(&self.path, final_path).map_err(ReceiveError::io("rename", &self.path))

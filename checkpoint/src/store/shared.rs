@@ -132,15 +132,7 @@ fn share_one(
         (true, None) => Some(digest_of(1)),
         (_, d) => d,
     };
-    // Set only when it differs (on XFS, setting a size writes back what is not on disk yet).
-    if file
-        .metadata()
-        .map_err(StoreError::io("stat", &temp))?
-        .len()
-        != len
-    {
-        file.set_len(len).map_err(StoreError::io("size", &temp))?;
-    }
+    crate::prefault::resize(&file, len).map_err(StoreError::io("size", &temp))?;
     drop(file);
     // The staged image is unmapped and replaced: its page cache is dropped unwritten.
     drop(staged);

@@ -9,12 +9,11 @@ use anyhow::{bail, Context as _};
 use cryo_checkpoint::dump::DumpReport;
 use cryo_checkpoint::group::GroupReport;
 use cryo_checkpoint::image::Thoroughness;
-use cryo_checkpoint::manifest::Manifest;
 use cryo_checkpoint::signals::InterruptGuard;
 use cryo_checkpoint::store::check::check_all;
 use cryo_checkpoint::store::prune::{prune, Pruned};
 use cryo_checkpoint::store::{
-    choose_parent, GenerationInfo, GenerationState, Holds, LockMode, Policy, Store,
+    choose_parent, own_bytes, GenerationInfo, GenerationState, Holds, LockMode, Policy, Store,
 };
 use cryo_oci::state::lock_timeout;
 
@@ -321,7 +320,7 @@ impl Written {
             name: String::new(),
             kind,
             frozen_ms: m.map_or(0.0, |m| m.timings.frozen_ms),
-            bytes: m.map_or(0, written_bytes),
+            bytes: m.map_or(0, own_bytes),
             created: m.map(|m| m.created),
             stopped: if report.stopped {
                 m.map(|m| m.container_id.clone()).into_iter().collect()
@@ -358,7 +357,7 @@ impl Written {
                 .members
                 .iter()
                 .filter_map(|r| r.manifest.as_ref())
-                .map(written_bytes)
+                .map(own_bytes)
                 .sum(),
             created: Some(report.manifest.created),
             stopped: report
@@ -400,11 +399,6 @@ impl Written {
         }
         line
     }
-}
-
-/// Bytes a generation wrote: its files, less those shared with its parent.
-fn written_bytes(m: &Manifest) -> u64 {
-    cryo_checkpoint::store::own_bytes(m)
 }
 
 /// `restore --store DIR`: the newest generation that verifies; each newer one passed over is
@@ -579,8 +573,10 @@ fn json_row(g: &GenerationInfo) -> serde_json::Value {
         "parent": g.parent(),
         "bytes": g.bytes,
         "frozen_ms": g.frozen_ms(),
-        "pages_written": m.and_then(|m| m.parent.as_ref().map(|p| p.pages_written)
-            .or(m.shares.as_ref().map(|s| s.pages_written))),
+        "pages_written": m.and_then(|m| {
+            m.parent.as_ref().map(|p| p.pages_written)
+                .or(m.shares.as_ref().map(|s| s.pages_written))
+        }),
         "pages_in_parent": m.and_then(|m| m.parent.as_ref()).map(|p| p.pages_in_parent),
         "shares_with": m.and_then(|m| m.shares.as_ref()).map(|s| s.name.clone()),
         "pages_shared": m.and_then(|m| m.shares.as_ref()).map(|s| s.pages_shared),
